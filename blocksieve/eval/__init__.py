@@ -1,0 +1,1 @@
+"""Evaluation: fidelity metrics, real models and texts, tasks, benchmarks and plots."""

@@ -1,0 +1,67 @@
+"""Small helpers shared by the Triton launchers (input checks, output allocation, device facts)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from blocksieve.ops.checks import check_qkv
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+POISON_ENV = "BLOCKSIEVE_POISON_OUTPUTS"
+"""Set to ``1`` to pre-fill kernel outputs with NaN (tests use it to catch unwritten elements)."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> None:
+    """Checks every Triton entry point makes on top of :func:`check_qkv`."""
+    check_qkv(q, k, v, layout)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"q has dtype {q.dtype}: the Triton kernels take float16 or bfloat16; cast q, k, v "
+            "(e.g. q.to(torch.bfloat16)) or use backend='torch'"
+        )
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"q is on {q.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU debugging); "
+            "use backend='torch' on the CPU"
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={q.shape[-1]} is not supported by the Triton kernels: use D in {SUPPORTED_HEAD_DIMS}")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has stride 1 (the kernels assume it), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def alloc_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised output, or NaN-filled when :data:`POISON_ENV` is set."""
+    if os.environ.get(POISON_ENV, "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Multiprocessor count of a CUDA device (132 for an H200 when interpreting on the CPU)."""
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Multiprocessor count of ``t``'s device."""
+    return num_sms(t.device.index or 0) if t.device.type == "cuda" else num_sms(-1)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (``n >= 1``)."""
+    return 1 << (max(1, n) - 1).bit_length()

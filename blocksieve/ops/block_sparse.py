@@ -1,0 +1,284 @@
+"""Block-sparse attention forward (Triton) over a :class:`~blocksieve.layout.BlockLayout`.
+
+One program computes one tile of ``BLOCK_M = HEADS * ROWS`` query rows: ``ROWS`` consecutive rows
+of one query block for ``HEADS`` query heads that share a KV head (``HEADS > 1`` only for
+group-shared layouts, where the stacked heads read the same key blocks, so each KV tile is loaded
+once for all of them). It walks the layout's selected key blocks as one concatenated list of
+key slots, ``BLOCK_N`` slots per MMA tile: key blocks smaller than the tile (16, 32) are gathered
+several to a tile, larger ones are split. Online softmax in base 2 (FlashAttention-2).
+
+Tiles whose keys are all visible to every row of the program run without any mask; only the
+tail of the list (blocks that straddle the causal diagonal or the end of the keys, at most
+``block_q / block_k + 2`` entries in a valid causal layout) pays for token masking.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from blocksieve.layout import BlockLayout
+from blocksieve.ops._triton_utils import (
+    alloc_output,
+    check_kernel_inputs,
+    interpreting,
+    last_dim_contiguous,
+    next_pow2,
+)
+from blocksieve.ops.checks import resolve_scale
+
+__all__ = ["block_sparse_attention"]
+
+SUPPORTED_BLOCK_Q = (64, 128)
+SUPPORTED_BLOCK_K = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, t_lo, t_hi, kv_len, qk_scale,
+    D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Online-softmax update over key-slot tiles ``[t_lo, t_hi)``; token masks only when ``MASKED``."""
+    o_c = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_d = tl.arange(0, D)  # [D]
+    for t in range(t_lo, t_hi):
+        o_s = t * BLOCK_N + o_c  # [BLOCK_N] slot in the concatenated selected blocks
+        o_j = o_s // BLOCK_K  # [BLOCK_N] layout entry of each slot
+        if MASKED:
+            m_j = o_j < cnt  # [BLOCK_N]
+            b_blk = tl.load(p_idx + o_j, mask=m_j, other=0)  # [BLOCK_N]
+        else:
+            b_blk = tl.load(p_idx + o_j)  # [BLOCK_N]
+        o_key = b_blk * BLOCK_K + o_s % BLOCK_K  # [BLOCK_N] absolute key position
+        o_kv = o_key.to(tl.int64)
+        if MASKED:
+            m_key = m_j & (o_key < kv_len)  # [BLOCK_N]
+            b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+        else:
+            b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :])  # [BLOCK_N, D]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N] scores in log2 units
+        if MASKED:
+            m_vis = m_key[None, :]  # [1, BLOCK_N]
+            if CAUSAL:
+                m_vis = m_vis & (o_key[None, :] <= o_pos[:, None])  # [BLOCK_M, BLOCK_N]
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BLOCK_M]
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_use = m_new
+        b_p = tl.exp2(b_s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        alpha = tl.exp2(m_i - m_use)  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        if MASKED:
+            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+        else:
+            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :])  # [BLOCK_N, D]
+        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])  # [BLOCK_M, D]
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, IDX, CNT,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_iq,
+    stride_cb, stride_ch,
+    q_len, kv_len, n_layout_heads, group, heads_per_layout, n_row_chunks, n_head_chunks, n_q_blocks, qk_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NTAIL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = HEADS * ROWS
+    i_bh = tl.program_id(0)
+    i_m = tl.program_id(1)
+    i_b = i_bh // n_layout_heads
+    i_lh = i_bh % n_layout_heads
+    per_block = n_row_chunks * n_head_chunks
+    i_qb = n_q_blocks - 1 - i_m // per_block  # late (heavier, causal) query blocks first
+    i_rc = (i_m % per_block) // n_head_chunks
+    i_hc = i_m % n_head_chunks
+    i_hkv = (i_lh * heads_per_layout) // group
+
+    o_r = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    o_d = tl.arange(0, D)  # [D]
+    o_g = i_hc * HEADS + o_r // ROWS  # [BLOCK_M] head within the layout head's group
+    o_i = i_qb * BLOCK_Q + i_rc * ROWS + o_r % ROWS  # [BLOCK_M] query row
+    m_row = (o_g < heads_per_layout) & (o_i < q_len)  # [BLOCK_M]
+    o_hq = (i_lh * heads_per_layout + o_g).to(tl.int64)  # [BLOCK_M] query head
+    o_i64 = o_i.to(tl.int64)
+    o_pos = kv_len - q_len + o_i  # [BLOCK_M] absolute key position of each row
+    b64 = i_b.to(tl.int64)
+
+    p_q = Q + b64 * stride_qb + o_hq[:, None] * stride_qh + o_i64[:, None] * stride_ql + o_d[None, :]  # [BLOCK_M, D]
+    b_q = tl.load(p_q, mask=m_row[:, None], other=0.0)  # [BLOCK_M, D]
+
+    cnt = tl.load(CNT + b64 * stride_cb + i_lh * stride_ch)
+    p_idx = IDX + b64 * stride_ib + i_lh.to(tl.int64) * stride_ih + i_qb.to(tl.int64) * stride_iq
+    # entries whose whole block is visible to the first row form a prefix; the rest sit in the tail
+    pos_first = kv_len - q_len + i_qb * BLOCK_Q + i_rc * ROWS
+    if CAUSAL:
+        lim = tl.minimum(pos_first + 1, kv_len)
+    else:
+        lim = kv_len
+    o_t = cnt - NTAIL + tl.arange(0, NTAIL)  # [NTAIL]
+    m_t = o_t >= 0
+    b_t = tl.load(p_idx + o_t, mask=m_t, other=0)  # [NTAIL]
+    n_full = cnt - tl.sum((m_t & ((b_t + 1) * BLOCK_K > lim)).to(tl.int32), 0)
+    n_full_tiles = n_full * BLOCK_K // BLOCK_N
+    n_tiles = tl.cdiv(cnt * BLOCK_K, BLOCK_N)
+
+    p_k = K + b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
+    p_v = V + b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, 0, n_full_tiles, kv_len, qk_scale,
+        D, BLOCK_K, BLOCK_N, False, CAUSAL,
+    )
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, n_full_tiles, n_tiles, kv_len, qk_scale,
+        D, BLOCK_K, BLOCK_N, True, CAUSAL,
+    )
+
+    m_empty = l_i == 0.0  # [BLOCK_M] rows that kept no key
+    b_o = acc / tl.where(m_empty, 1.0, l_i)[:, None]  # [BLOCK_M, D]
+    b_lse = tl.where(m_empty, float("-inf"), (m_i + tl.log2(tl.where(m_empty, 1.0, l_i))) * 0.6931471805599453)
+    p_o = O + b64 * stride_ob + o_hq[:, None] * stride_oh + o_i64[:, None] * stride_ol + o_d[None, :]  # [BLOCK_M, D]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None])
+    tl.store(LSE + b64 * stride_lb + o_hq * stride_lh + o_i64, b_lse, mask=m_row)
+
+
+def _configs():
+    """Autotuning space (CUDA only), pruned to shapes that fit the registers for each ``D``."""
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in ((128, 8, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 2))
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    d, m = named_args["D"], named_args["HEADS"] * named_args["ROWS"]
+    keep = []
+    for c in configs:
+        bn = c.kwargs["BLOCK_N"]
+        if d == 256 and bn > 64:
+            continue
+        if d < 256 and bn == 32:
+            continue
+        if m <= 32 and c.num_warps > 4:
+            continue
+        keep.append(c)
+    return keep or configs[-1:]
+
+
+_block_sparse_fwd_tuned = triton.autotune(
+    configs=_configs(),
+    key=["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_sparse_fwd_kernel)
+
+
+def _tile_shape(q_len: int, block_q: int, d: int, heads_per_layout: int) -> tuple:
+    """``(ROWS, HEADS)`` of a program tile: rows of one query block times stacked query heads."""
+    m_target = 64 if d == 256 else 128
+    rows = next_pow2(min(block_q, q_len))
+    heads = min(next_pow2(heads_per_layout), max(1, m_target // rows))
+    if rows * heads < 16:  # tl.dot needs 16 rows: pad with masked heads or rows
+        if heads_per_layout > 1:
+            heads = 16 // rows
+        else:
+            rows = 16
+    return rows, heads
+
+
+def _block_sparse_fwd_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+    block_q: int, block_k: int, causal: bool, scale: float,
+) -> tuple:
+    b, hq, q_len, d = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    h_lay, nq = indices.shape[1], indices.shape[2]
+    heads_per_layout = hq // h_lay
+    out = alloc_output(q.shape, q.dtype, q.device)
+    lse = alloc_output((b, hq, q_len), torch.float32, q.device)
+    rows, heads = _tile_shape(q_len, block_q, d, heads_per_layout)
+    n_row_chunks = triton.cdiv(min(block_q, q_len), rows)
+    n_head_chunks = triton.cdiv(heads_per_layout, heads)
+    ntail = next_pow2(block_q // block_k + 2) if causal else 2
+    grid = (b * h_lay, nq * n_row_chunks * n_head_chunks)
+    args = (
+        q, k, v, out, lse, indices, counts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        indices.stride(0), indices.stride(1), indices.stride(2),
+        counts.stride(0), counts.stride(1),
+        q_len, kv_len, h_lay, hq // hkv, heads_per_layout, n_row_chunks, n_head_chunks, nq, scale * LOG2E,
+    )
+    meta = dict(D=d, BLOCK_Q=block_q, BLOCK_K=block_k, ROWS=rows, HEADS=heads, NTAIL=ntail, CAUSAL=causal)
+    if interpreting():
+        _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=64)
+    else:
+        _block_sparse_fwd_tuned[grid](*args, **meta)
+    return out, lse
+
+
+@torch.library.custom_op("blocksieve::block_sparse_fwd", mutates_args=())
+def _block_sparse_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+    block_q: int, block_k: int, causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _block_sparse_fwd_impl(q, k, v, indices, counts, block_q, block_k, causal, scale)
+
+
+@_block_sparse_fwd_op.register_fake
+def _(q, k, v, indices, counts, block_q, block_k, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def block_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: Optional[float] = None
+) -> tuple:
+    """Attention over the key blocks a :class:`BlockLayout` keeps (Triton, forward only).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` float16 / bfloat16, ``D`` in {64, 128, 256}.
+        k, v: ``[B, Hkv, Lkv, D]``, same dtype and device; ``Hq % Hkv == 0``.
+        layout: BlockLayout with ``H`` in {Hq, Hkv}, ``block_q`` in {64, 128},
+            ``block_k`` in {16, 32, 64, 128}; a causal layout must not select future blocks
+            (``layout.validate()`` checks).
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``(out [B, Hq, Lq, D]`` in q's dtype, ``lse [B, Hq, Lq]`` float32 natural log);
+        rows that keep no key give ``out = 0``, ``lse = -inf``.
+
+    Example:
+        >>> mask = torch.ones(1, 8, 4, 4, dtype=torch.bool, device="cuda")
+        >>> lay = BlockLayout.from_block_mask(mask, 128, 128, 512, 512, causal=True)
+        >>> out, lse = block_sparse_attention(q, k, v, lay)  # q [1, 8, 512, 128] bf16 on CUDA
+    """
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}; use token_sparse_attention for TokenLayout")
+    check_kernel_inputs(q, k, v, layout)
+    if layout.block_q not in SUPPORTED_BLOCK_Q:
+        raise ValueError(f"layout.block_q={layout.block_q} is not supported by the Triton kernel: use one of {SUPPORTED_BLOCK_Q}")
+    if layout.block_k not in SUPPORTED_BLOCK_K:
+        raise ValueError(f"layout.block_k={layout.block_k} is not supported by the Triton kernel: use one of {SUPPORTED_BLOCK_K}")
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    indices = layout.indices.contiguous()
+    return _block_sparse_fwd_op(
+        q, k, v, indices, layout.counts, layout.block_q, layout.block_k, layout.causal, resolve_scale(scale, q.shape[-1])
+    )

@@ -1,0 +1,1 @@
+"""Selection building blocks: pooling, scoring, choosing, forced sets, GQA policy, permutations."""
