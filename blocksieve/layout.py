@@ -291,9 +291,10 @@ class BlockLayout(_LayoutBase):
     def to_flex_block_mask(self, num_q_heads: Optional[int] = None):
         """PyTorch FlexAttention ``BlockMask`` with the same selection (needs torch >= 2.5).
 
-        FlexAttention wants equal query and key block sizes per tile; ``block_q`` and
-        ``block_k`` are passed as its ``BLOCK_SIZE``. ``num_q_heads`` expands a group-shared
-        layout to per-query-head rows (FlexAttention has no group sharing).
+        ``block_q`` and ``block_k`` become its ``BLOCK_SIZE``; the ``mask_mod`` reads the
+        ``[B, H, NQ, NK]`` block mask (O(NQ·NK), no token-level mask) so eager and compiled
+        FlexAttention agree. ``num_q_heads`` expands a group-shared layout to per-query-head
+        rows (FlexAttention has no group sharing).
         """
         try:
             from torch.nn.attention.flex_attention import BlockMask
@@ -303,16 +304,23 @@ class BlockLayout(_LayoutBase):
         if num_q_heads is not None and num_q_heads != idx.shape[1]:
             g = num_q_heads // idx.shape[1]
             idx, counts = idx.repeat_interleave(g, 1), counts.repeat_interleave(g, 1)
-        offset = self.kv_len - self.q_len
+        nk = self.num_k_blocks
+        if idx.shape[-1] < nk:  # FlexAttention reads the number of key blocks off the last dim
+            idx = torch.nn.functional.pad(idx, (0, nk - idx.shape[-1]), value=-1)
+        selected = self.to_block_mask()  # [B, H, NQ, NK]: mask_mod must encode the selection too
+        if selected.shape[1] != idx.shape[1]:
+            selected = selected.repeat_interleave(idx.shape[1] // selected.shape[1], 1)
+        offset, bq, bk, causal = self.kv_len - self.q_len, self.block_q, self.block_k, self.causal
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
+            keep = selected[b, h, q_idx // bq, kv_idx // bk]
+            return keep & (kv_idx <= q_idx + offset) if causal else keep
 
         return BlockMask.from_kv_blocks(
             counts,
-            torch.clamp(idx, min=0),
+            torch.clamp(idx, min=0).contiguous(),
             BLOCK_SIZE=(self.block_q, self.block_k),
-            mask_mod=mask_mod if self.causal else None,
+            mask_mod=mask_mod,
             seq_lengths=(self.q_len, self.kv_len),
         )
 
