@@ -255,6 +255,18 @@ class BlockLayout(_LayoutBase):
         out.scatter_(-1, idx, True)
         return out[..., :-1]
 
+    def to_bsr(self) -> tuple:
+        """Block-sparse-row form (FlashInfer style): ``(indptr [B*H*NQ + 1], indices [nnz])`` int32.
+
+        Row ``r = (b * H + h) * NQ + n`` keeps key blocks ``indices[indptr[r]:indptr[r + 1]]``.
+        """
+        counts = self.counts.flatten().to(torch.int64)
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+        indptr[1:] = counts.cumsum(0)
+        flat = self.indices.flatten(0, 2)
+        keep = torch.arange(flat.shape[-1], device=flat.device)[None, :] < self.counts.flatten()[:, None]
+        return indptr.to(torch.int32), flat[keep].contiguous()
+
     def to_dense_mask(self) -> torch.Tensor:
         """Boolean token mask ``[B, H, q_len, kv_len]``; for tests and small sizes only."""
         self._dense_mask_guard()

@@ -142,3 +142,13 @@ def test_flex_block_mask_gives_the_same_attention():
     q, k, v = qkv(1, 2, 2, 256, 320, 32)
     got = flex.flex_attention(q, k, v, block_mask=lay.to_flex_block_mask())
     assert torch.allclose(got, attend(q, k, v, lay), atol=1e-5)
+
+
+def test_bsr_lists_each_row_in_order():
+    lay = random_block_layout(2, 3, 130, 200, 64, 32)
+    indptr, idx = lay.to_bsr()
+    rows = lay.indices.flatten(0, 2)
+    for r in range(rows.shape[0]):
+        want = rows[r][rows[r] >= 0]
+        assert torch.equal(idx[indptr[r] : indptr[r + 1]], want)
+    assert indptr[-1] == lay.counts.sum()

