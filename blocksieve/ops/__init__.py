@@ -9,6 +9,7 @@ Paths:
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -22,6 +23,25 @@ from blocksieve.ops.reference import reference_attention
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 __all__ = ["attend", "merge", "reference_attention", "BACKENDS"]
+
+
+def triton_unsupported(q: torch.Tensor, layout: Layout) -> Optional[str]:
+    """Why the Triton kernels cannot run this call (``None`` when they can)."""
+    try:
+        from blocksieve.ops._triton_utils import SUPPORTED_HEAD_DIMS
+        from blocksieve.ops.block_sparse import SUPPORTED_BLOCK_K, SUPPORTED_BLOCK_Q
+    except ImportError:
+        return "Triton is not installed (pip install 'blocksieve[gpu]')"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the kernels take float16/bfloat16, not {q.dtype}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    if isinstance(layout, BlockLayout) and (layout.block_q not in SUPPORTED_BLOCK_Q or layout.block_k not in SUPPORTED_BLOCK_K):
+        return f"block_q={layout.block_q}, block_k={layout.block_k} (kernels take block_q in {SUPPORTED_BLOCK_Q}, block_k in {SUPPORTED_BLOCK_K})"
+    return None
+
+
+_WARNED: set = set()
 
 
 def _triton_attention(q, k, v, layout: Layout, scale):
@@ -55,7 +75,8 @@ def attend(
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the natural-log normaliser.
         backend: ``"auto"`` (Triton on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"`` or
-            ``"reference"``.
+            ``"reference"``. On CUDA, ``"auto"`` runs the exact PyTorch gather path, with a one-time
+            warning, for inputs the kernels do not take (fp32, unsupported head dims or block sizes).
 
     Returns:
         ``out [B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)`` with ``lse [B, Hq, Lq]`` fp32 when
@@ -70,6 +91,12 @@ def attend(
     check_qkv(q, k, v, layout)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
+        reason = triton_unsupported(q, layout) if q.is_cuda else None
+        if reason is not None:
+            backend = "torch"
+            if reason not in _WARNED:
+                _WARNED.add(reason)
+                warnings.warn(f"blocksieve.attend: running the exact PyTorch gather path on CUDA because {reason}", stacklevel=2)
     if backend == "triton":
         out, lse = _triton_attention(q, k, v, layout, scale)
     elif backend == "torch":

@@ -1,4 +1,4 @@
-"""Small helpers shared by the Triton launchers (input checks, output allocation, device facts)."""
+"""Helpers shared by the Triton launchers: input checks, MMA operands, device facts."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from blocksieve.ops.checks import check_qkv
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-POISON_ENV = "BLOCKSIEVE_POISON_OUTPUTS"
-"""Set to ``1`` to pre-fill kernel outputs with NaN (tests use it to catch unwritten elements)."""
 
 
 def interpreting() -> bool:
@@ -42,13 +42,6 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def alloc_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised output, or NaN-filled when :data:`POISON_ENV` is set."""
-    if os.environ.get(POISON_ENV, "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     """Multiprocessor count of a CUDA device (132 for an H200 when interpreting on the CPU)."""
@@ -65,3 +58,21 @@ def sm_count(t: torch.Tensor) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << (max(1, n) - 1).bit_length()
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether kernels should feed ``tl.dot`` fp32 operands: the CPU interpreter multiplies bf16 wrongly.
+
+    The operands are rounded to the input dtype first, so the products equal a bf16 MMA's.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def mma_operand(x, UPCAST: tl.constexpr):
+    """``x`` as a ``tl.dot`` operand: unchanged, or in fp32 when ``UPCAST`` (see :func:`upcast_dots`)."""
+    if UPCAST:
+        y = x.to(tl.float32)
+    else:
+        y = x
+    return y

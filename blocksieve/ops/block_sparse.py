@@ -22,12 +22,14 @@ import triton.language as tl
 
 from blocksieve.layout import BlockLayout
 from blocksieve.ops._triton_utils import (
-    alloc_output,
     check_kernel_inputs,
     interpreting,
     last_dim_contiguous,
+    mma_operand,
     next_pow2,
+    upcast_dots,
 )
+from blocksieve.ops.alloc import empty_output
 from blocksieve.ops.checks import resolve_scale
 
 __all__ = ["block_sparse_attention"]
@@ -41,44 +43,44 @@ LOG2E = 1.4426950408889634
 def _attend_tiles(
     acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, t_lo, t_hi, kv_len, qk_scale,
     D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    """Online-softmax update over key-slot tiles ``[t_lo, t_hi)``; token masks only when ``MASKED``."""
-    o_c = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    """Online-softmax update over key-slot tiles ``[t_lo, t_hi)``; token masks only when ``MASKED``.
+
+    The block ids of the next tile are loaded one iteration ahead and carried in the loop: loaded
+    inside the iteration that uses them, Triton 3.6 pipelining (``num_stages >= 2``, wgmma) gave
+    wrong results on an H200 (docs/dev/kernel_notes.md, v0).
+    """
     o_d = tl.arange(0, D)  # [D]
-    for t in range(t_lo, t_hi):
-        o_s = t * BLOCK_N + o_c  # [BLOCK_N] slot in the concatenated selected blocks
-        o_j = o_s // BLOCK_K  # [BLOCK_N] layout entry of each slot
-        if MASKED:
-            m_j = o_j < cnt  # [BLOCK_N]
-            b_blk = tl.load(p_idx + o_j, mask=m_j, other=0)  # [BLOCK_N]
-        else:
-            b_blk = tl.load(p_idx + o_j)  # [BLOCK_N]
+    o_s = t_lo * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] slot in the concatenated selected blocks
+    b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] block id of each slot
+    for _ in range(t_lo, t_hi):
         o_key = b_blk * BLOCK_K + o_s % BLOCK_K  # [BLOCK_N] absolute key position
         o_kv = o_key.to(tl.int64)
         if MASKED:
-            m_key = m_j & (o_key < kv_len)  # [BLOCK_N]
+            m_key = (o_s // BLOCK_K < cnt) & (o_key < kv_len)  # [BLOCK_N]
             b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
         else:
             b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :])  # [BLOCK_N, D]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale  # [BLOCK_M, BLOCK_N] scores in log2 units
+            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :])  # [BLOCK_N, D]
+        o_s += BLOCK_N
+        b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] next tile's ids
+        b_s = tl.dot(mma_operand(b_q, UPCAST), mma_operand(tl.trans(b_k), UPCAST))  # [BLOCK_M, BLOCK_N] raw scores
         if MASKED:
             m_vis = m_key[None, :]  # [1, BLOCK_N]
             if CAUSAL:
                 m_vis = m_vis & (o_key[None, :] <= o_pos[:, None])  # [BLOCK_M, BLOCK_N]
             b_s = tl.where(m_vis, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BLOCK_M]
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)  # [BLOCK_M] running max in log2 units
         if MASKED:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         else:
             m_use = m_new
-        b_p = tl.exp2(b_s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        b_p = tl.exp2(b_s * qk_scale - m_use[:, None])  # [BLOCK_M, BLOCK_N] one FMA + exp2 per score
         alpha = tl.exp2(m_i - m_use)  # [BLOCK_M]
         l_i = l_i * alpha + tl.sum(b_p, 1)
-        if MASKED:
-            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-        else:
-            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :])  # [BLOCK_N, D]
-        acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None])  # [BLOCK_M, D]
+        acc = tl.dot(mma_operand(b_p.to(b_v.dtype), UPCAST), mma_operand(b_v, UPCAST), acc * alpha[:, None])  # [BLOCK_M, D]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -92,10 +94,10 @@ def _block_sparse_fwd_kernel(
     stride_ob, stride_oh, stride_ol,
     stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq,
-    stride_cb, stride_ch,
+    stride_cb, stride_ch, stride_cq,
     q_len, kv_len, n_layout_heads, group, heads_per_layout, n_row_chunks, n_head_chunks, n_q_blocks, qk_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NTAIL: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, NTAIL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = HEADS * ROWS
     i_bh = tl.program_id(0)
@@ -121,7 +123,7 @@ def _block_sparse_fwd_kernel(
     p_q = Q + b64 * stride_qb + o_hq[:, None] * stride_qh + o_i64[:, None] * stride_ql + o_d[None, :]  # [BLOCK_M, D]
     b_q = tl.load(p_q, mask=m_row[:, None], other=0.0)  # [BLOCK_M, D]
 
-    cnt = tl.load(CNT + b64 * stride_cb + i_lh * stride_ch)
+    cnt = tl.load(CNT + b64 * stride_cb + i_lh * stride_ch + i_qb * stride_cq)
     p_idx = IDX + b64 * stride_ib + i_lh.to(tl.int64) * stride_ih + i_qb.to(tl.int64) * stride_iq
     # entries whose whole block is visible to the first row form a prefix; the rest sit in the tail
     pos_first = kv_len - q_len + i_qb * BLOCK_Q + i_rc * ROWS
@@ -143,11 +145,11 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, 0, n_full_tiles, kv_len, qk_scale,
-        D, BLOCK_K, BLOCK_N, False, CAUSAL,
+        D, BLOCK_K, BLOCK_N, False, CAUSAL, UPCAST,
     )
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, n_full_tiles, n_tiles, kv_len, qk_scale,
-        D, BLOCK_K, BLOCK_N, True, CAUSAL,
+        D, BLOCK_K, BLOCK_N, True, CAUSAL, UPCAST,
     )
 
     m_empty = l_i == 0.0  # [BLOCK_M] rows that kept no key
@@ -159,31 +161,27 @@ def _block_sparse_fwd_kernel(
 
 
 def _configs():
-    """Autotuning space (CUDA only), pruned to shapes that fit the registers for each ``D``."""
+    """Autotuning space (CUDA only); :func:`_prune` keeps the ones that suit the tile."""
     return [
         triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((128, 8, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2), (32, 4, 2))
+        for w in (8, 4)
+        for bn, s in ((128, 3), (64, 3), (128, 2), (64, 4), (32, 3))
     ]
 
 
 def _prune(configs, named_args, **kwargs):
-    d, m = named_args["D"], named_args["HEADS"] * named_args["ROWS"]
-    keep = []
-    for c in configs:
-        bn = c.kwargs["BLOCK_N"]
-        if d == 256 and bn > 64:
-            continue
-        if d < 256 and bn == 32:
-            continue
-        if m <= 32 and c.num_warps > 4:
-            continue
-        keep.append(c)
-    return keep or configs[-1:]
+    """8 warps for 128-row tiles or D=256 (4 spill the accumulator), else 4; ``BLOCK_N`` 128 for 128-row
+    tiles (64 was 8% slower at full density on an H200), 32 only for D=256."""
+    meta = {**named_args, **kwargs}  # the constexprs arrive as keyword arguments
+    d, m = meta["D"], meta["HEADS"] * meta["ROWS"]
+    warps = 8 if m >= 128 or d == 256 else 4
+    block_n = (32, 64) if d == 256 else (128,) if m >= 128 else (64, 128)
+    return [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_N"] in block_n]
 
 
 _block_sparse_fwd_tuned = triton.autotune(
     configs=_configs(),
-    key=["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL"],
+    key=["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL", "UPCAST"],
     prune_configs_by={"early_config_prune": _prune},
 )(_block_sparse_fwd_kernel)
 
@@ -209,8 +207,8 @@ def _block_sparse_fwd_impl(
     hkv, kv_len = k.shape[1], k.shape[2]
     h_lay, nq = indices.shape[1], indices.shape[2]
     heads_per_layout = hq // h_lay
-    out = alloc_output(q.shape, q.dtype, q.device)
-    lse = alloc_output((b, hq, q_len), torch.float32, q.device)
+    out = empty_output(*q.shape, dtype=q.dtype, device=q.device)
+    lse = empty_output(b, hq, q_len, dtype=torch.float32, device=q.device)
     rows, heads = _tile_shape(q_len, block_q, d, heads_per_layout)
     n_row_chunks = triton.cdiv(min(block_q, q_len), rows)
     n_head_chunks = triton.cdiv(heads_per_layout, heads)
@@ -224,10 +222,11 @@ def _block_sparse_fwd_impl(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         indices.stride(0), indices.stride(1), indices.stride(2),
-        counts.stride(0), counts.stride(1),
+        counts.stride(0), counts.stride(1), counts.stride(2),
         q_len, kv_len, h_lay, hq // hkv, heads_per_layout, n_row_chunks, n_head_chunks, nq, scale * LOG2E,
     )
-    meta = dict(D=d, BLOCK_Q=block_q, BLOCK_K=block_k, ROWS=rows, HEADS=heads, NTAIL=ntail, CAUSAL=causal)
+    meta = dict(D=d, BLOCK_Q=block_q, BLOCK_K=block_k, ROWS=rows, HEADS=heads, NTAIL=ntail, CAUSAL=causal,
+                UPCAST=upcast_dots(q.dtype))
     if interpreting():
         _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=64)
     else:
@@ -277,8 +276,11 @@ def block_sparse_attention(
         raise ValueError(f"layout.block_q={layout.block_q} is not supported by the Triton kernel: use one of {SUPPORTED_BLOCK_Q}")
     if layout.block_k not in SUPPORTED_BLOCK_K:
         raise ValueError(f"layout.block_k={layout.block_k} is not supported by the Triton kernel: use one of {SUPPORTED_BLOCK_K}")
+    scale = resolve_scale(scale, q.shape[-1])
+    if scale <= 0:
+        raise ValueError(f"scale={scale} must be positive (default 1/sqrt(D))")
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     indices = layout.indices.contiguous()
     return _block_sparse_fwd_op(
-        q, k, v, indices, layout.counts, layout.block_q, layout.block_k, layout.causal, resolve_scale(scale, q.shape[-1])
+        q, k, v, indices, layout.counts, layout.block_q, layout.block_k, layout.causal, scale
     )

@@ -164,3 +164,14 @@ def test_property_random_token_layouts(lq, extra, g, kk, seed):
     lay = random_token_layout(1, g, lq, lkv, kk)
     lay.validate()
     _check(q, k, v, lay, "torch")
+
+
+def test_triton_unsupported_names_the_reason():
+    from blocksieve.ops import triton_unsupported
+
+    pytest.importorskip("triton")
+    q, _, _ = qkv(1, 2, 2, 100, 100, 64, dtype=torch.bfloat16)
+    assert triton_unsupported(q, random_block_layout(1, 2, 100, 100, 64, 32)) is None
+    assert "float32" in triton_unsupported(q.float(), random_block_layout(1, 2, 100, 100, 64, 32))
+    assert "block_q=16" in triton_unsupported(q, random_block_layout(1, 2, 100, 100, 16, 32))
+    assert "head dim 48" in triton_unsupported(q[..., :48], random_token_layout(1, 2, 100, 100, 8))

@@ -1,0 +1,191 @@
+"""Fused indexer score + top-k (Triton): the exact DSA top-k without storing any ``Lq × Lkv`` logits.
+
+One program handles one query row (of one index set) at a time, looping over rows in a
+persistent grid. For each tile of ``BLOCK_N`` keys it computes the indexer logits of all ``H_I``
+heads with one MMA (heads are the M dimension, padded to 16), applies the activation and the head
+weights, and packs each score with its key id into one order-preserving int64
+(``score bits << 32 | key``). Keys above the row's running threshold ``tau`` are appended to a
+per-program scratch buffer of ``CAP`` slots; when it fills, the buffer is bitonic-sorted
+(``tl.sort``), the best ``topk`` stay and ``tau`` becomes the ``topk``-th value. Once the keys
+fall into the running top-k rarely (the steady state), a tile costs one MMA and one compare.
+The final sort also orders the kept ids ascending, so the result is a TokenLayout row as is.
+
+Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's chosen blocks), and
+``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
+first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a row's tiles over
+several programs (decode: few rows) and merges their packed top-k lists with ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from blocksieve.ops._triton_utils import interpreting, next_pow2, sm_count
+
+__all__ = ["indexer_topk"]
+
+EMPTY_SLOT = -9223372036854775807
+"""Packed value of an empty slot: below every packed real score (including -inf)."""
+EMPTY = tl.constexpr(EMPTY_SLOT)
+
+
+@triton.jit
+def _indexer_topk_kernel(
+    p_q, p_k, p_w, p_tiles, p_buf, p_out,
+    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
+    S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG,
+    TOPK: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
+    HAS_TILES: tl.constexpr, SPLITS: tl.constexpr,
+):
+    o_h = tl.arange(0, HP)  # [HP]
+    o_d = tl.arange(0, D)  # [D]
+    o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_c = tl.arange(0, CAP)  # [CAP]
+    m_h = o_h < H
+    p_bufr = p_buf + tl.program_id(0).to(tl.int64) * CAP
+    for i_loop in range(tl.program_id(0), TOTAL, NPROG):
+        i_w = tl.full([], 0, dtype=tl.int64) + i_loop  # int64 row arithmetic throughout
+        i_p = i_w % SPLITS
+        i_r = i_w // SPLITS  # row among B * S * NT_ROWS
+        i_t = T0 + i_r % NT_ROWS
+        i_bs = i_r // NT_ROWS
+        i_s = i_bs % S
+        i_b = i_bs // S
+        pos = POS0 + i_t
+        n_vis = LKV
+        if CAUSAL:
+            n_vis = tl.minimum(pos // POS_MULT + 1, LKV)
+        p_qr = p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt
+        b_q = tl.load(p_qr + o_h[:, None] * s_qh + o_d[None, :], mask=m_h[:, None], other=0.0)  # [HP, D]
+        p_wr = p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt
+        b_w = tl.load(p_wr + o_h, mask=m_h, other=0.0)  # [HP]
+        p_kr = p_k + i_b * s_kb + i_s * s_ks
+        if HAS_TILES:
+            n_tiles = NUM_TILES
+        else:
+            n_tiles = tl.cdiv(n_vis, BLOCK_N)
+        per = tl.cdiv(n_tiles, SPLITS)
+        t_lo = i_p * per
+        t_hi = tl.minimum(t_lo + per, n_tiles)
+        cnt = tl.zeros([], dtype=tl.int32)
+        tau = tl.full([], EMPTY, dtype=tl.int64)
+        for it in range(t_lo, t_hi):
+            if HAS_TILES:
+                tile = tl.load(p_tiles + i_r * NUM_TILES + it)
+                o_key = tile * BLOCK_N + o_n  # [BLOCK_N]
+                m_key = (o_key >= 0) & (o_key < n_vis)  # tile -1: negative keys
+            else:
+                o_key = it * BLOCK_N + o_n  # [BLOCK_N]
+                m_key = o_key < n_vis
+            b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+            b_l = tl.dot(b_q, tl.trans(b_k))  # [HP, BLOCK_N]
+            if RELU:
+                b_l = tl.maximum(b_l, 0.0)
+            b_sc = tl.sum(b_l * b_w[:, None], 0)  # [BLOCK_N]
+            if FORCE_ENDS:
+                b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
+            bits = b_sc.to(tl.int32, bitcast=True)
+            bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed ints
+            b_pk = (bits.to(tl.int64) << 32) | o_key.to(tl.int64)  # [BLOCK_N]
+            m_sel = m_key & (b_pk > tau)
+            i_sel = m_sel.to(tl.int32)
+            tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
+            cnt += tl.sum(i_sel, 0)
+            if cnt > CAP - BLOCK_N:
+                tl.debug_barrier()
+                b_buf = tl.sort(tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY), descending=True)  # [CAP]
+                tl.debug_barrier()
+                tl.store(p_bufr + o_c, b_buf)
+                tl.debug_barrier()
+                tau = tl.max(tl.where(o_c == TOPK - 1, b_buf, EMPTY), 0)
+                cnt = tl.full([], TOPK, dtype=tl.int32)
+        tl.debug_barrier()
+        b_buf = tl.sort(tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY), descending=True)  # [CAP]
+        m_out = o_c < TOPK
+        p_o = p_out + i_w * TOPK + o_c
+        if SPLITS > 1:
+            tl.store(p_o, b_buf, mask=m_out)
+        else:
+            b_id = tl.where(m_out & (b_buf != EMPTY), (b_buf & 0xFFFFFFFF).to(tl.int32), 2147483647)
+            b_id = tl.sort(b_id)  # ascending ids, invalid last
+            tl.store(p_o, tl.where(b_id == 2147483647, -1, b_id), mask=m_out)
+        tl.debug_barrier()
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    topk: int,
+    *,
+    relu: bool = True,
+    causal: bool = True,
+    rows: Optional[tuple] = None,
+    kv_tokens: Optional[int] = None,
+    tiles: Optional[torch.Tensor] = None,
+    pos_mult: int = 1,
+    force_ends: bool = False,
+    block_n: int = 64,
+    splits: int = 1,
+) -> torch.Tensor:
+    """Top-``topk`` keys of ``I[t,s] = Σ_j w[t,j]·act(q[t,j]·k[s])`` per row, fused (no logits stored).
+
+    Args:
+        q: ``[B, S, Lq, H_I, d]`` (fp16/bf16/fp32; d a power of two >= 16); k: ``[B, S, Lkv, d]``;
+            w: ``[B, S, Lq, H_I]`` fp32.
+        topk: keys kept per row.
+        relu: ReLU (DSA) or identity activation.
+        causal: row ``t`` sits at token position ``kv_tokens - Lq + t`` (``kv_tokens`` defaults to
+            ``Lkv``); key ``j`` is visible iff ``j·pos_mult <= position`` (``pos_mult`` = pooling
+            block when ``k`` holds pooled blocks).
+        rows: ``(t0, t1)``: only rows ``[t0, t1)`` (default all).
+        tiles: int32 ``[B, S, t1 - t0, T]`` ids of ``block_n``-key tiles to scan per row (-1 skipped);
+            default every causal tile.
+        force_ends: score the first and the last visible key +inf (HISA's forced blocks).
+        splits: programs per row (decode has few rows); their lists are merged with ``torch.topk``.
+
+    Returns:
+        int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible.
+    """
+    b, s, lq, h, d = q.shape
+    lkv = k.shape[2]
+    t0, t1 = rows if rows is not None else (0, lq)
+    kv_tokens = lkv if kv_tokens is None else kv_tokens
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"indexer head dim d={d} must be a power of two >= 16 for the Triton kernel; use the torch path")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("q, k and w need a contiguous last dimension: pass .contiguous() tensors")
+    if k.dtype != q.dtype:
+        k = k.to(q.dtype)
+    w = w.float().contiguous() if w.dtype != torch.float32 else w
+    nrows = t1 - t0
+    total = b * s * nrows * splits
+    cap = max(next_pow2(topk + block_n), 4 * block_n)
+    num_tiles = 0
+    if tiles is not None:
+        if tuple(tiles.shape[:3]) != (b, s, nrows):
+            raise ValueError(f"tiles must be [B, S, rows, T] = {(b, s, nrows)} + (T,), got {tuple(tiles.shape)}")
+        tiles = tiles.to(torch.int32).contiguous()
+        num_tiles = tiles.shape[-1]
+    nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
+    buf = torch.empty(nprog, cap, dtype=torch.int64, device=q.device)
+    out = torch.empty(b, s, nrows, splits, topk, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
+    _indexer_topk_kernel[(nprog,)](
+        q, k, w, tiles if tiles is not None else buf, buf, out,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
+        w.stride(0), w.stride(1), w.stride(2),
+        s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog,
+        TOPK=topk, CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
+        RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
+        HAS_TILES=tiles is not None, SPLITS=splits, num_warps=4,
+    )
+    if splits == 1:
+        return out[:, :, :, 0]
+    best = out.flatten(-2).topk(topk, dim=-1).values
+    ids = torch.where(best != EMPTY_SLOT, best & 0xFFFFFFFF, torch.iinfo(torch.int64).max).sort(-1).values
+    return torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)

@@ -1,0 +1,78 @@
+"""Fused indexer score + top-k Triton kernel against the PyTorch path (CPU via TRITON_INTERPRET, or CUDA).
+
+The interpreter is slow: a few rows of small problems only (``rows=``).
+"""
+
+import importlib
+import os
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel's definition
+
+import pytest  # noqa: E402
+
+import blocksieve.ops.indexer_topk as indexer_topk_module  # noqa: E402
+from blocksieve.select.indexer import candidate_scores, dsa_indexer, gqa_indexer  # noqa: E402
+from blocksieve.select.token_topk import flat_ids, pool_keys, topk_ids  # noqa: E402
+
+if not ON_CUDA and type(indexer_topk_module._indexer_topk_kernel).__name__ != "InterpretedFunction":
+    indexer_topk_module = importlib.reload(indexer_topk_module)  # imported earlier without the interpreter
+indexer_topk = indexer_topk_module.indexer_topk
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def values(ix, ids, r0):
+    """Sorted scores of chosen ids per row (equal multisets = equally good top-k; ties allowed)."""
+    ids = ids.long()
+    sc = candidate_scores(ix, r0, r0 + ids.shape[2], ids)
+    return sc.sort(-1).values
+
+
+def assert_topk_equal(ix, got, want, r0):
+    assert got.dtype == torch.int32
+    valid = got >= 0
+    assert torch.equal(valid.sum(-1), (want >= 0).sum(-1)), "different numbers of chosen keys"
+    g = torch.where(valid, got, torch.iinfo(torch.int32).max)
+    assert torch.equal(g, g.sort(-1).values), "ids must be ascending with -1 last"
+    a, b = values(ix, got, r0), values(ix, want, r0)
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin) and torch.allclose(a[fin], b[fin], atol=1e-4)
+
+
+@pytest.mark.parametrize("relu,splits", [(True, 1), (False, 1), (True, 3)], ids=["relu", "linear", "relu-split3"])
+def test_flat_scan_matches_torch(relu, splits):
+    ix = dsa_indexer(torch.randn(1, 44, 3, 16, device=DEVICE), torch.randn(1, 44, 16, device=DEVICE), torch.randn(1, 44, 3, device=DEVICE))
+    if not relu:
+        ix = gqa_indexer(torch.randn(1, 4, 44, 16, device=DEVICE), torch.randn(1, 2, 44, 16, device=DEVICE))
+    r0 = 37
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, relu=relu, rows=(r0, 44), block_n=16, splits=splits)
+    want = flat_ids(ix, 8, backend="torch")[:, :, r0:]
+    assert_topk_equal(ix, got, want, r0)
+
+
+def test_fewer_visible_keys_than_topk_pads():
+    ix = dsa_indexer(torch.randn(1, 20, 2, 16, device=DEVICE), torch.randn(1, 20, 16, device=DEVICE), torch.randn(1, 20, 2, device=DEVICE))
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(0, 3), block_n=16)
+    assert torch.equal((got >= 0).sum(-1)[0, 0], torch.tensor([1, 2, 3], device=DEVICE))
+    assert torch.equal(got[0, 0, 2, :3], torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
+
+
+def test_tile_list_and_pooled_forced_ends():
+    ix = dsa_indexer(torch.randn(1, 48, 2, 16, device=DEVICE), torch.randn(1, 48, 16, device=DEVICE), torch.randn(1, 48, 2, device=DEVICE))
+    r0 = 44
+    tiles = torch.tensor([[[[0, 2], [-1, 1], [2, 0], [1, -1]]]], dtype=torch.int32, device=DEVICE)
+    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 48), tiles=tiles, block_n=16)
+    cand = (tiles.long()[..., None] * 16 + torch.arange(16, device=DEVICE)).flatten(-2)
+    cand = torch.where(tiles.long().repeat_interleave(16, -1) >= 0, cand, -1)
+    want = topk_ids(candidate_scores(ix, r0, 48, cand), 6, cand)
+    assert_topk_equal(ix, got, want, r0)
+    pooled = pool_keys(ix.k, 8, "mean")  # 6 blocks of 8
+    blocks = indexer_topk(ix.q, pooled, ix.w, 3, rows=(r0, 48), kv_tokens=48, pos_mult=8, force_ends=True, block_n=16)
+    for i in range(4):
+        row = set(blocks[0, 0, i].tolist())
+        assert {0, (r0 + i) // 8} <= row and max(row) <= (r0 + i) // 8
