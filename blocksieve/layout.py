@@ -303,36 +303,42 @@ class BlockLayout(_LayoutBase):
     def to_flex_block_mask(self, num_q_heads: Optional[int] = None):
         """PyTorch FlexAttention ``BlockMask`` with the same selection (needs torch >= 2.5).
 
-        ``block_q`` and ``block_k`` become its ``BLOCK_SIZE``; the ``mask_mod`` reads the
-        ``[B, H, NQ, NK]`` block mask (O(NQ·NK), no token-level mask) so eager and compiled
-        FlexAttention agree. ``num_q_heads`` expands a group-shared layout to per-query-head
+        ``block_q`` and ``block_k`` become its ``BLOCK_SIZE``. Blocks fully visible to their query
+        block are passed as *full* (Flex's unmasked fast path); the rest go through a ``mask_mod``
+        that reads the ``[B, H, NQ, NK]`` block mask (O(NQ·NK), no token-level mask), so eager and
+        compiled FlexAttention agree. ``num_q_heads`` expands a group-shared layout to per-query-head
         rows (FlexAttention has no group sharing).
         """
         try:
             from torch.nn.attention.flex_attention import BlockMask
         except ImportError as e:  # pragma: no cover - old torch
             raise RuntimeError("to_flex_block_mask needs torch >= 2.5 with FlexAttention") from e
-        idx, counts = self.indices, self.counts
+        idx = self.indices.long()
         if num_q_heads is not None and num_q_heads != idx.shape[1]:
-            g = num_q_heads // idx.shape[1]
-            idx, counts = idx.repeat_interleave(g, 1), counts.repeat_interleave(g, 1)
-        nk = self.num_k_blocks
-        if idx.shape[-1] < nk:  # FlexAttention reads the number of key blocks off the last dim
-            idx = torch.nn.functional.pad(idx, (0, nk - idx.shape[-1]), value=-1)
-        selected = self.to_block_mask()  # [B, H, NQ, NK]: mask_mod must encode the selection too
-        if selected.shape[1] != idx.shape[1]:
-            selected = selected.repeat_interleave(idx.shape[1] // selected.shape[1], 1)
-        offset, bq, bk, causal = self.kv_len - self.q_len, self.block_q, self.block_k, self.causal
+            idx = idx.repeat_interleave(num_q_heads // idx.shape[1], 1)
+        nk, bk = self.num_k_blocks, self.block_k
+        valid = idx >= 0
+        block_end = (idx + 1) * bk - 1
+        full = valid & (block_end < self.kv_len)  # every key of the block visible to every row
+        if self.causal:
+            first_row = torch.arange(self.num_q_blocks, device=idx.device)[:, None] * self.block_q + self.kv_len - self.q_len
+            full &= block_end <= first_row
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def pack(sel):  # selected ids first, padded to NK columns (Flex reads NK off the last dim)
+            keyed = torch.where(sel, idx, nk).sort(-1).values
+            keyed = torch.nn.functional.pad(keyed, (0, max(0, nk - keyed.shape[-1])), value=nk)
+            return sel.sum(-1, dtype=torch.int32), torch.where(keyed < nk, keyed, 0).to(torch.int32).contiguous()
+
+        selected = torch.zeros(*idx.shape[:3], nk + 1, dtype=torch.bool, device=idx.device)
+        selected.scatter_(-1, torch.where(valid, idx, nk), True)  # [B, H, NQ, NK+1]
+        offset, bq, causal = self.kv_len - self.q_len, self.block_q, self.causal
+
+        def mask_mod(b, h, q_idx, kv_idx):  # eager Flex applies it everywhere, compiled to partial blocks
             keep = selected[b, h, q_idx // bq, kv_idx // bk]
             return keep & (kv_idx <= q_idx + offset) if causal else keep
 
         return BlockMask.from_kv_blocks(
-            counts,
-            torch.clamp(idx, min=0).contiguous(),
-            BLOCK_SIZE=(self.block_q, self.block_k),
-            mask_mod=mask_mod,
+            *pack(valid & ~full), *pack(full), BLOCK_SIZE=(self.block_q, bk), mask_mod=mask_mod,
             seq_lengths=(self.q_len, self.kv_len),
         )
 

@@ -152,3 +152,11 @@ def test_bsr_lists_each_row_in_order():
         want = rows[r][rows[r] >= 0]
         assert torch.equal(idx[indptr[r] : indptr[r + 1]], want)
     assert indptr[-1] == lay.counts.sum()
+
+
+def test_flex_block_mask_chunked_prefill_and_group_shared():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    lay = random_block_layout(1, 2, 128, 384, 64, 64, empty_rows=False)
+    q, k, v = qkv(1, 4, 2, 128, 384, 32)
+    got = flex.flex_attention(q, k, v, block_mask=lay.to_flex_block_mask(num_q_heads=4), enable_gqa=True)
+    assert torch.allclose(got, attend(q, k, v, lay), atol=1e-5)
