@@ -42,3 +42,22 @@ def local_blocks(block_q: int, block_k: int, q_len: int, kv_len: int, local_toke
 def diagonal_blocks(block_q: int, block_k: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
     """The key blocks overlapping each query block's own positions: ``[NQ, W]`` (-1 beyond)."""
     return local_blocks(block_q, block_k, q_len, kv_len, 0, device)
+
+
+def segment_start(block_q: int, q_len: int, kv_len: int, segment: int, device=None) -> torch.Tensor:
+    """Absolute position where the segment of ``segment`` keys holding each query block's first row starts, ``[NQ]``."""
+    first, _ = query_block_span(block_q, q_len, kv_len, device)
+    return first // segment * segment
+
+
+def own_segment_blocks(block_q: int, block_k: int, q_len: int, kv_len: int, segment: int, device=None) -> torch.Tensor:
+    """Key blocks from the start of each query block's segment up to its last row: ``[NQ, W]`` (-1 beyond).
+
+    With ``segment`` a multiple of ``block_k`` these blocks lie wholly inside the segment (PBS-Attn's
+    and S2O's dense intra-segment part).
+    """
+    lo = segment_start(block_q, q_len, kv_len, segment, device) // block_k
+    _, last = query_block_span(block_q, q_len, kv_len, device)
+    width = math.ceil((segment + block_q) / block_k) + 1
+    cand = lo[:, None] + torch.arange(width, device=device)
+    return torch.where(cand * block_k <= last[:, None], cand, -1)

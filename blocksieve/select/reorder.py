@@ -1,0 +1,38 @@
+"""Permutations of keys within segments (PBS-Attn): important keys packed into fewer blocks.
+
+A permutation ``perm [B, H, L]`` maps new position ``i`` to original position ``perm[..., i]``;
+it only moves keys inside their own segment, so segment boundaries (and therefore which queries
+can see a whole segment) are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_sort(importance: torch.Tensor, segment: int) -> torch.Tensor:
+    """Sort positions by ``importance [B, H, L]`` (descending) inside each full segment.
+
+    The tail after the last full segment keeps its order. Returns ``perm [B, H, L]`` int64.
+    """
+    if segment <= 0:
+        raise ValueError(f"segment must be a positive int, got {segment}")
+    b, h, length = importance.shape
+    full = (length // segment) * segment
+    base = torch.arange(length, device=importance.device).expand(b, h, length)
+    if full == 0:
+        return base.clone()
+    order = importance[..., :full].reshape(b, h, -1, segment).argsort(dim=-1, descending=True, stable=True)
+    seg0 = torch.arange(0, full, segment, device=importance.device)[:, None]
+    return torch.cat([(order + seg0).reshape(b, h, full), base[..., full:]], -1)
+
+
+def apply_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, L, D]`` reordered along L by ``perm [B, H, L]``: ``out[..., i, :] = x[..., perm[i], :]``."""
+    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: ``inv[perm[i]] = i``."""
+    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(-1, perm, ar)

@@ -1,0 +1,248 @@
+"""Token-level top-k selection from an :class:`~blocksieve.select.indexer.Indexer`: flat, HISA, MISA.
+
+* :func:`flat_topk` — DSA's exact scan: every causal key scored, top-k per row.
+* :func:`hisa_topk` — HISA (hierarchical): score pooled key blocks with the same indexer, force the
+  first and last visible block, keep the top ``m`` blocks, score their ``m·B`` tokens exactly and
+  take the top-k. Rows whose prefix fits in ``m·B`` tokens skip the coarse stage (exact DSA there).
+* :func:`misa_topk` — MISA: route each row to its ``h`` indexer heads with the largest
+  ``Σ_b |w_j·act(q_j·k̄_b)|`` over 1024-key pooled blocks, score with those heads only; with
+  ``rescore = R`` (MISA†) keep the top ``R`` by the routed score and re-rank them with all heads.
+
+Every function returns a :class:`~blocksieve.layout.TokenLayout` with ``H = S`` (index sets) and
+``K = min(topk, Lkv)``. On CUDA the scans run in the fused Triton kernel
+(:func:`blocksieve.ops.indexer_topk.indexer_topk`); on the CPU in PyTorch, in chunks of query
+rows, so no ``Lq × Lkv`` tensor exists beyond one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from blocksieve.layout import TokenLayout
+from blocksieve.select.indexer import Indexer, candidate_scores, chunk_rows, dense_scores
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(ix: Indexer, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        d = ix.q.shape[-1]
+        return ix.q.is_cuda and d >= 16 and d & (d - 1) == 0
+    return backend == "triton"
+
+
+def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
+    """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d]`` blocks (``"mean"`` or ``"max"``).
+
+    The last, partial block pools only the keys it has.
+    """
+    b, s, n, d = k.shape
+    nb = math.ceil(n / block)
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - n)).reshape(b, s, nb, block, d)
+    if mode == "mean":
+        sizes = torch.clamp(n - torch.arange(nb, device=k.device) * block, max=block).float()
+        return (kf.sum(3) / sizes[:, None]).to(k.dtype)
+    if mode == "max":
+        pad = torch.arange(nb * block, device=k.device).reshape(nb, block) >= n
+        return kf.masked_fill(pad[..., None], float("-inf")).amax(3).to(k.dtype)
+    raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
+
+
+def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
+    """Pooled keys of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
+
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block)).
+    """
+    if pooled is None or n_pooled == 0:
+        return pool_keys(k, block, mode)
+    first = n_pooled // block
+    return torch.cat([pooled[:, :, :first], pool_keys(k[:, :, first * block :], block, mode)], 2)
+
+
+def topk_ids(scores: torch.Tensor, topk: int, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Top-``topk`` entries of ``scores [..., M]`` as ids (``ids[..., j]`` or ``j``), -1 where -inf."""
+    vals, pos = scores.topk(min(topk, scores.shape[-1]), dim=-1)
+    out = pos if ids is None else torch.gather(ids, -1, pos)
+    return torch.where(vals > float("-inf"), out, -1)
+
+
+def _finish(ids: torch.Tensor, ix: Indexer, topk: int) -> TokenLayout:
+    """Layout from top-k ids; int32 ids come from the kernel, already ascending and causal."""
+    k = min(topk, ix.kv_len)
+    if ids.shape[-1] < k:
+        ids = torch.nn.functional.pad(ids, (0, k - ids.shape[-1]), value=-1)
+    if ids.dtype == torch.int32:
+        return TokenLayout(ids[..., :k].contiguous(), ix.q_len, ix.kv_len, ix.causal)
+    return TokenLayout.from_topk(ids[..., :k], ix.q_len, ix.kv_len, ix.causal)
+
+
+def _prefix(ix: Indexer, rows: int) -> Indexer:
+    """The first ``rows`` query rows with only the keys they can see (right alignment kept)."""
+    n = ix.kv_len - ix.q_len + rows
+    return Indexer(ix.q[:, :, :rows], ix.k[:, :, :n], ix.w[:, :, :rows], ix.act, ix.causal)
+
+
+def _kernel(ix: Indexer, topk: int, **kw) -> torch.Tensor:
+    from blocksieve.ops._triton_utils import sm_count
+    from blocksieve.ops.indexer_topk import indexer_topk
+
+    rows, sms = ix.q_len * ix.num_sets * ix.q.shape[0], sm_count(ix.q)
+    splits = max(1, min(64, -(-2 * sms // rows), ix.kv_len // 1024)) if rows < sms else 1  # decode: fill the GPU
+    return indexer_topk(ix.q, ix.k, ix.w, topk, relu=ix.act == "relu", causal=ix.causal, splits=splits, **kw)
+
+
+def flat_ids(ix: Indexer, topk: int, backend: str = "auto") -> torch.Tensor:
+    """Top-k key ids of every row by a full scan, ``[B, S, Lq, min(topk, Lkv)]``, -1 padded.
+
+    int32 ascending from the Triton kernel, int64 unordered from the torch path.
+    """
+    if _use_triton(ix, backend):
+        return _kernel(ix, min(topk, ix.kv_len))
+    b, s, lq = ix.q.shape[:3]
+    out = torch.empty(b, s, lq, min(topk, ix.kv_len), dtype=torch.int64, device=ix.q.device)
+    step = chunk_rows(ix, ix.kv_len)
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        out[:, :, r0:r1] = topk_ids(dense_scores(ix, r0, r1), topk)
+    return out
+
+
+def flat_topk(ix: Indexer, topk: int = 2048, backend: str = "auto") -> TokenLayout:
+    """DSA: the exact top-``topk`` keys of every row (see the module docstring)."""
+    return _finish(flat_ids(ix, topk, backend), ix, topk)
+
+
+def _coarse_torch(ix: Indexer, r0: int, r1: int, pooled: torch.Tensor, block: int, m: int) -> torch.Tensor:
+    """HISA block choice for rows ``[r0, r1)``: int64 ``[B, S, C, m]`` block ids, -1 padded."""
+    sc = dense_scores(ix.with_keys(pooled), r0, r1)  # [B, S, C, NB]
+    nb = pooled.shape[2]
+    last = torch.div(ix.positions(r0, r1), block, rounding_mode="floor")[:, None]  # [C, 1]
+    blk = torch.arange(nb, device=sc.device)[None, :]
+    sc = sc.masked_fill(blk > last, float("-inf"))
+    sc = sc.masked_fill((blk == 0) | (blk == last), float("inf"))
+    return topk_ids(sc, m)
+
+
+def hisa_topk(
+    ix: Indexer,
+    topk: int = 2048,
+    block: int = 128,
+    m: int = 64,
+    pool: str = "mean",
+    pooled: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> TokenLayout:
+    """HISA: top ``m`` pooled blocks of ``block`` keys, then the exact top-``topk`` of their tokens.
+
+    Args:
+        ix: the indexer; pooled: its keys pooled by ``pool_keys(ix.k, block, pool)`` if already
+            available (decode keeps them up to date with :func:`update_pooled`).
+    """
+    if not ix.causal:
+        raise ValueError("hisa_topk needs a causal indexer (its forced last block is the row's own); use flat_topk")
+    if pooled is None:
+        pooled = pool_keys(ix.k, block, pool)
+    n_early = min(ix.q_len, max(0, m * block - (ix.kv_len - ix.q_len)))
+    parts = []
+    if n_early:
+        parts.append(flat_ids(_prefix(ix, n_early), topk, backend))
+    if n_early < ix.q_len:
+        parts.append(_hisa_late(ix, n_early, topk, block, m, pooled, backend))
+    kk = min(topk, ix.kv_len)
+    parts = [torch.nn.functional.pad(p, (0, kk - p.shape[-1]), value=-1) for p in parts]
+    return _finish(torch.cat(parts, 2), ix, topk)
+
+
+def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torch.Tensor, backend: str) -> torch.Tensor:
+    if _use_triton(ix, backend) and block >= 16:  # MMA tiles need >= 16 keys
+        from blocksieve.ops.indexer_topk import indexer_topk
+
+        bn = min(64, block)
+        blocks = indexer_topk(
+            ix.q, pooled.contiguous(), ix.w, m, relu=ix.act == "relu", rows=(r0, ix.q_len), kv_tokens=ix.kv_len,
+            pos_mult=block, force_ends=True,
+        ).long()
+        tiles = blocks[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
+        tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
+        return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn)
+    b, s = ix.q.shape[:2]
+    out = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)
+    offs = torch.arange(block, device=ix.q.device)
+    step = chunk_rows(ix, m * block * max(1, ix.q.shape[-1] // ix.num_heads))
+    for c0 in range(r0, ix.q_len, step):
+        c1 = min(ix.q_len, c0 + step)
+        blocks = _coarse_torch(ix, c0, c1, pooled, block, m)
+        cand = torch.where(blocks[..., None] >= 0, blocks[..., None] * block + offs, -1).flatten(-2)
+        out[:, :, c0 - r0 : c1 - r0] = topk_ids(candidate_scores(ix, c0, c1, cand), topk, cand)
+    return out
+
+
+def route_heads(ix: Indexer, h: int, block: int = 1024, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MISA router: the ``h`` heads of largest ``Σ_b |w_j·act(q_j·k̄_b)|`` per row, int64 ``[B, S, Lq, h]``.
+
+    ``k̄_b`` are the mean-pooled keys of the ``block``-key blocks the row sees completely (so prefill
+    and decode route alike and no future key leaks in); rows inside the first block rank heads by
+    ``|w_j|·‖q_j‖`` (MISA's norm variant).
+    """
+    if pooled is None:
+        pooled = pool_keys(ix.k, block, "mean")
+    b, s, lq, nh = ix.w.shape
+    nb = pooled.shape[2]
+    out = torch.empty(b, s, lq, min(h, nh), dtype=torch.int64, device=ix.q.device)
+    step = chunk_rows(ix, nb)
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        lg = torch.einsum("bsthd,bsnd->bsthn", ix.q[:, :, r0:r1].float(), pooled.float())
+        if ix.act == "relu":
+            lg = torch.relu(lg)
+        e = (lg * ix.w[:, :, r0:r1, :, None]).abs()
+        if ix.causal:
+            done = (torch.arange(nb, device=e.device)[None, :] + 1) * block - 1 <= ix.positions(r0, r1)[:, None]  # [C, NB]
+            e = e * done[:, None, :]
+            first = ~done[:, 0]  # rows before the end of the first block: rank by |w_j|·‖q_j‖
+            norm = (ix.w[:, :, r0:r1].abs() * ix.q[:, :, r0:r1].float().norm(dim=-1))[..., None]
+            e = torch.where(first[:, None, None], norm, e)
+        out[:, :, r0:r1] = e.sum(-1).topk(out.shape[-1], dim=-1).indices
+    return out
+
+
+def misa_topk(
+    ix: Indexer,
+    topk: int = 2048,
+    h: int = 8,
+    block: int = 1024,
+    rescore: int = 0,
+    pooled: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> TokenLayout:
+    """MISA: top-``topk`` by the ``h`` routed heads; ``rescore > 0`` (MISA†) re-ranks that many with all heads."""
+    routed = ix.with_heads(route_heads(ix, h, block, pooled))
+    if rescore <= 0:
+        return flat_topk(routed, topk, backend)
+    if _use_triton(ix, backend) and rescore <= 4096:
+        cand_all = _kernel(routed, min(rescore, ix.kv_len)).long()
+    else:
+        cand_all = None
+    b, s, lq = ix.q.shape[:3]
+    out = torch.empty(b, s, lq, min(topk, rescore, ix.kv_len), dtype=torch.int64, device=ix.q.device)
+    step = chunk_rows(ix, max(ix.kv_len // 4, rescore))
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        cand = cand_all[:, :, r0:r1] if cand_all is not None else topk_ids(dense_scores(routed, r0, r1), rescore)
+        out[:, :, r0:r1] = topk_ids(candidate_scores(ix, r0, r1, cand), topk, cand)
+    return _finish(out, ix, topk)
+
+
+def expand_heads(layout: TokenLayout, heads: int) -> TokenLayout:
+    """Repeat a layout with one index set (``H = 1``, DSA) to ``heads`` heads (e.g. ``Hkv``)."""
+    if layout.indices.shape[1] == heads:
+        return layout
+    if layout.indices.shape[1] != 1:
+        raise ValueError(f"expand_heads needs a layout with H=1 or H={heads}, got H={layout.indices.shape[1]}")
+    idx = layout.indices.expand(-1, heads, -1, -1).contiguous()
+    return TokenLayout(idx, layout.q_len, layout.kv_len, layout.causal)

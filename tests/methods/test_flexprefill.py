@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+
+import blocksieve
+from blocksieve.layout import causal_block_mask
+from blocksieve.methods.flexprefill import js_distance
+from tests.helpers import qkv
+from tests.methods.test_vertical_slash import brute_block_mask
+
+
+def nucleus(x, tau):
+    order, acc, keep = sorted(range(len(x)), key=lambda i: -float(x[i])), 0.0, set()
+    total = float(x.sum())
+    for i in order:
+        if acc >= tau * total or x[i] <= 0:
+            break
+        keep.add(i)
+        acc += float(x[i])
+    return keep
+
+
+def brute_flexprefill(q, k, block, gamma, tau):
+    _, hq, lq, d = q.shape
+    lkv, g = k.shape[2], hq // k.shape[1]
+    nq, nk = math.ceil(lq / block), math.ceil(lkv / block)
+    out = torch.zeros(1, hq, nq, nk, dtype=torch.bool)
+    qa_heads = []
+    for h in range(hq):
+        kk = k[0, h // g]
+        rows = range(lq - min(block, lq), lq)
+        probs = []
+        for r in rows:
+            pos = lkv - lq + r
+            p = torch.zeros(lkv)
+            p[: pos + 1] = torch.softmax(q[0, h, r] @ kk[: pos + 1].T / d**0.5, 0)
+            probs.append(p)
+        probs = torch.stack(probs)
+        a_true = torch.stack([probs.mean(0)[j * block : (j + 1) * block].sum() for j in range(nk)])
+        kbar = torch.stack([kk[j * block : (j + 1) * block].mean(0) for j in range(nk)])
+        a_est = torch.softmax(q[0, h, list(rows)].mean(0) @ kbar.T / d**0.5, 0)
+        use_qa = bool(js_distance(a_true, a_est) < tau)
+        qa_heads.append(use_qa)
+        v, s = torch.zeros(lkv), torch.zeros(lkv)
+        for ri, r in enumerate(rows):
+            pos = lkv - lq + r
+            for j in range(pos + 1):
+                v[j] += probs[ri, j]
+                s[pos - j] += probs[ri, j]
+        vs = brute_block_mask([nucleus(v, gamma)] * 1, [nucleus(s, gamma)], lq, lkv, block, block)[0, 0]
+        for n in range(nq):
+            if use_qa:
+                qbar = q[0, h, n * block : (n + 1) * block].mean(0)
+                sc = torch.full((nk,), float("-inf"))
+                for j in range(nk):
+                    if j * block <= lkv - lq + min((n + 1) * block, lq) - 1:
+                        sc[j] = qbar @ kbar[j] / d**0.5
+                for j in nucleus(torch.softmax(sc, 0), gamma):
+                    out[0, h, n, j] = True
+            else:
+                out[0, h, n] = vs[n]
+            out[0, h, n, 0] = True
+            first, last = lkv - lq + n * block, lkv - lq + min((n + 1) * block, lq) - 1
+            out[0, h, n, first // block : last // block + 1] = True
+    return out & causal_block_mask(block, block, lq, lkv), qa_heads
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 10.0], ids=["all-vs", "mixed", "all-qa"])
+def test_flexprefill_matches_brute_force(tau):
+    q, k, _ = qkv(1, 4, 2, 120, 120, 8)
+    k[:, 0, 5] *= 5
+    m = blocksieve.method("flexprefill", block=16, gamma=0.8, tau=tau)
+    lay = m.select(q, k)
+    lay.validate()
+    want, heads = brute_flexprefill(q, k, 16, 0.8, tau)
+    assert m.query_aware_heads(q, k)[0][0].tolist() == heads
+    assert torch.equal(lay.to_block_mask(), want)
+
+
+def test_js_distance_is_zero_for_equal_and_bounded():
+    p = torch.rand(5)
+    assert float(js_distance(p, p)) < 1e-4
+    assert float(js_distance(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) <= (math.log(2)) ** 0.5 + 1e-6
+
+
+def test_flexprefill_rejects_bad_config():
+    with pytest.raises(ValueError, match="gamma"):
+        blocksieve.method("flexprefill", gamma=1.5)
+    with pytest.raises(ValueError, match="tau"):
+        blocksieve.method("flexprefill", tau=-1)

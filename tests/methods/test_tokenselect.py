@@ -1,0 +1,65 @@
+"""``tokenselect``: brute-force soft vote per chunk, windows, and the decode selection cache."""
+
+import torch
+
+import blocksieve
+
+
+def brute_rows(q, k, cfg):
+    """Loop version of the rule: per chunk, per candidate key, Σ_h softmax over candidates."""
+    b, hq, lq, d = q.shape
+    lkv = k.shape[2]
+    g = hq // k.shape[1]
+    rows = []
+    for t in range(lq):
+        c0 = t // cfg["chunk"] * cfg["chunk"]
+        p0, p = lkv - lq + c0, lkv - lq + t
+        fp = q[0, :, c0 : min(lq, c0 + cfg["chunk"])].mean(1)  # [Hq, D]
+        cand = list(range(cfg["init"], max(cfg["init"], p0 - cfg["local"] + 1)))
+        votes = torch.zeros(len(cand))
+        for h in range(hq):
+            if cand:
+                votes += torch.softmax(torch.stack([fp[h] @ k[0, h // g, s] for s in cand]) / d**0.5, 0)
+        top = [cand[i] for i in votes.argsort(descending=True)[: cfg["topk"]]]
+        keep = set(range(min(cfg["init"], p + 1))) | set(top) | set(range(max(0, p - cfg["local"] + 1), p + 1))
+        rows.append(sorted(keep))
+    return rows
+
+
+def test_prefill_matches_brute_force():
+    cfg = dict(topk=5, init=3, local=6, chunk=8)
+    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 40, 16)
+    lay = blocksieve.method("tokenselect", **cfg).select(q, k)
+    lay.validate()
+    assert lay.indices.shape[:3] == (1, 2, 30)
+    for t, want in enumerate(brute_rows(q, k, cfg)):
+        row = lay.indices[0, 0, t]
+        assert row[row >= 0].tolist() == want, t
+    assert torch.equal(lay.indices[:, 0], lay.indices[:, 1])  # scope "all": one set per layer
+
+
+def test_decode_cache_reuses_and_counts_hits():
+    cfg = dict(topk=4, init=2, local=4, chunk=1)
+    q, k = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16)
+    q[:, :, 30:] = q[:, :, 30:31]  # identical queries: every step after the first is a hit
+    m = blocksieve.method("tokenselect", **cfg)
+    full = m.select(q, k)
+    state = None
+    for t in range(30, 40):
+        lay, state = m.select_step(q[:, :, t : t + 1], k[:, :, : t + 1], state)
+        lay.validate()
+        if t == 30:
+            assert torch.equal(lay.indices[:, :, 0], full.indices[:, :, 30])
+    assert (state["hits"], state["steps"]) == (9, 10)
+    never = blocksieve.method("tokenselect", cache_threshold=2.0, **cfg)
+    state = None
+    for t in range(30, 40):
+        lay, state = never.select_step(q[:, :, t : t + 1], k[:, :, : t + 1], state)
+        assert torch.equal(lay.indices[:, :, 0], full.indices[:, :, t])  # chunk=1: no cache = prefill rule
+    assert state["hits"] == 0
+
+
+def test_group_scope_votes_per_kv_head():
+    q, k = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16)
+    lay = blocksieve.method("tokenselect", topk=3, init=1, local=2, chunk=4, scope="group").select(q, k)
+    assert lay.indices.shape[1] == 2
