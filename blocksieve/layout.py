@@ -278,23 +278,25 @@ class BlockLayout(_LayoutBase):
         return m
 
     def kept_pairs(self) -> torch.Tensor:
-        """Number of (query, key) token pairs the layout keeps, per ``[B, H]``, int64, without N×N."""
-        ks = torch.arange(self.num_k_blocks, device=self.indices.device)
-        k_start, k_end = ks * self.block_k, torch.clamp((ks + 1) * self.block_k, max=self.kv_len)
-        qs = torch.arange(self.q_len, device=self.indices.device)
-        pos = qs + (self.kv_len - self.q_len)
-        qb = qs // self.block_q
+        """Number of (query, key) token pairs the layout keeps, per ``[B, H]``, int64.
+
+        Closed form per selected entry (O(layout), no per-row table): a query block of ``R`` rows
+        whose first row sees ``a`` keys of a block of ``W`` keys sees ``Σ_r clamp(a + r, 0, W)``.
+        """
+        dev = self.indices.device
+        n = torch.arange(self.num_q_blocks, device=dev)
+        rows = (torch.clamp((n + 1) * self.block_q, max=self.q_len) - n * self.block_q)[:, None]  # [NQ, 1]
+        idx = self.indices.long()
+        valid = idx >= 0
+        k_start = idx.clamp(min=0) * self.block_k
+        width = torch.clamp(self.kv_len - k_start, max=self.block_k)  # keys in the block
         if self.causal:
-            visible = torch.clamp(pos[:, None] + 1 - k_start[None, :], min=0)
-            per_row = torch.minimum(visible, (k_end - k_start)[None, :])  # [q_len, NK]
+            first_pos = (n * self.block_q + self.kv_len - self.q_len)[:, None]
+            a = first_pos + 1 - k_start  # keys of the block visible to the block's first row
+            pairs = _clamped_ramp_sum(a + rows - 1, width) - _clamped_ramp_sum(a - 1, width)
         else:
-            per_row = (k_end - k_start)[None, :].expand(self.q_len, -1)
-        per_qblock = torch.zeros(self.num_q_blocks, self.num_k_blocks, dtype=torch.int64, device=pos.device)
-        per_qblock.index_add_(0, qb, per_row.to(torch.int64))  # [NQ, NK]
-        per_qblock = torch.cat([per_qblock, torch.zeros_like(per_qblock[:, :1])], 1)
-        idx = torch.where(self.indices >= 0, self.indices, self.num_k_blocks).long()
-        rows = torch.arange(self.num_q_blocks, device=pos.device)[:, None].expand(-1, idx.shape[-1])
-        return per_qblock[rows, idx].sum((-1, -2))
+            pairs = rows * width
+        return torch.where(valid, pairs, 0).sum((-1, -2))
 
     def density(self) -> float:
         """Fraction of the visible (causal-valid) query-key pairs that the layout keeps."""
@@ -447,6 +449,13 @@ class TokenLayout(_LayoutBase):
             f"TokenLayout(B={b}, H={h}, Lq={lq}, K={k}, kv_len={self.kv_len}, causal={self.causal}, "
             f"density={dens}, device={self.indices.device})"
         )
+
+
+def _clamped_ramp_sum(m: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """``Σ_{t=1..m} min(t, cap)`` elementwise (0 where ``m <= 0``)."""
+    m = m.clamp(min=0)
+    low = torch.minimum(m, cap)
+    return low * (low + 1) // 2 + (m - low) * cap
 
 
 def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
