@@ -7,6 +7,7 @@ import math
 import torch
 
 from blocksieve import BlockLayout, TokenLayout
+from blocksieve.ops.reference import reference_attention
 
 
 def qkv(b, hq, hkv, lq, lkv, d, dtype=torch.float32, device="cpu"):
@@ -48,3 +49,22 @@ def dense_masked_attention_f64(q, k, v, mask, scale=None):
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
     p = torch.where(mask, p, torch.zeros_like(p))
     return p @ vv, lse
+
+
+def assert_matches_reference(out, lse, q, k, v, layout, out_floor=2e-3, lse_floor=1e-4):
+    """Kernel error ≤ 2 × same-dtype reference error + floor; empty rows exact; no NaN."""
+    gold, gold_lse = reference_attention(q, k, v, layout, compute_dtype=torch.float64)
+    low, low_lse = reference_attention(q, k, v, layout, compute_dtype=q.dtype)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any(), "unwritten (NaN-poisoned) or NaN outputs"
+    empty = torch.isinf(gold_lse)
+    assert torch.equal(lse.isneginf(), empty), "empty rows must give lse = -inf, and only they"
+    assert (out[empty] == 0).all(), "empty rows must give out = 0"
+    err = (out.double() - gold).abs().max().item()
+    ref_err = (low.double() - gold).abs().max().item()
+    assert err <= 2 * ref_err + out_floor, f"out error {err:.2e} vs same-dtype reference {ref_err:.2e}"
+    if (~empty).any():
+        lse_err = (lse.double() - gold_lse)[~empty].abs().max().item()
+        ref_lse_err = (low_lse.double() - gold_lse)[~empty].abs().max().item()
+        assert lse_err <= 2 * ref_lse_err + lse_floor, f"lse error {lse_err:.2e} vs reference {ref_lse_err:.2e}"

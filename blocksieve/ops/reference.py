@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from blocksieve.layout import BlockLayout, TokenLayout, query_positions
+from blocksieve.layout import BlockLayout, query_positions
 from blocksieve.ops.checks import Layout, check_qkv, layout_head_map, resolve_scale
 
 CHUNK_ELEMENTS = 1 << 25

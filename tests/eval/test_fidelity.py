@@ -1,6 +1,6 @@
 import torch
 
-from blocksieve import BlockLayout, attend
+from blocksieve import BlockLayout
 from blocksieve.eval.fidelity import exact_topk, fidelity, output_error, recall, token_iou
 from tests.helpers import qkv, random_block_layout, random_token_layout
 

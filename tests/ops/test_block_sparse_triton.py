@@ -18,8 +18,7 @@ import pytest  # noqa: E402
 import blocksieve.ops.block_sparse as block_sparse_module  # noqa: E402
 from blocksieve import BlockLayout  # noqa: E402
 from blocksieve.ops.alloc import poisoned_outputs  # noqa: E402
-from blocksieve.ops.reference import reference_attention  # noqa: E402
-from tests.helpers import qkv, random_block_layout  # noqa: E402
+from tests.helpers import assert_matches_reference, qkv, random_block_layout  # noqa: E402
 
 if not ON_CUDA and type(block_sparse_module._block_sparse_fwd_kernel).__name__ != "InterpretedFunction":
     block_sparse_module = importlib.reload(block_sparse_module)  # imported earlier without the interpreter
@@ -27,25 +26,6 @@ block_sparse_attention = block_sparse_module.block_sparse_attention
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates masked lanes
-
-
-def assert_matches_reference(out, lse, q, k, v, layout, out_floor=2e-3, lse_floor=1e-4):
-    """Kernel error ≤ 2 × same-dtype reference error + floor; empty rows exact; no NaN."""
-    gold, gold_lse = reference_attention(q, k, v, layout, compute_dtype=torch.float64)
-    low, low_lse = reference_attention(q, k, v, layout, compute_dtype=q.dtype)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-    assert not out.isnan().any() and not lse.isnan().any(), "unwritten (NaN-poisoned) or NaN outputs"
-    empty = torch.isinf(gold_lse)
-    assert torch.equal(lse.isneginf(), empty), "empty rows must give lse = -inf, and only they"
-    assert (out[empty] == 0).all(), "empty rows must give out = 0"
-    err = (out.double() - gold).abs().max().item()
-    ref_err = (low.double() - gold).abs().max().item()
-    assert err <= 2 * ref_err + out_floor, f"out error {err:.2e} vs same-dtype reference {ref_err:.2e}"
-    if (~empty).any():
-        lse_err = (lse.double() - gold_lse)[~empty].abs().max().item()
-        ref_lse_err = (low_lse.double() - gold_lse)[~empty].abs().max().item()
-        assert lse_err <= 2 * ref_lse_err + lse_floor, f"lse error {lse_err:.2e} vs reference {ref_lse_err:.2e}"
 
 
 CASES = [
