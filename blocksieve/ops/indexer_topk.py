@@ -33,14 +33,14 @@ EMPTY_SLOT = -9223372036854775807
 EMPTY = tl.constexpr(EMPTY_SLOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS"])
 def _indexer_topk_kernel(
     p_q, p_k, p_w, p_tiles, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
-    S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG,
+    S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
     TOPK: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
-    HAS_TILES: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_TILES: tl.constexpr, PACKED: tl.constexpr,
 ):
     o_h = tl.arange(0, HP)  # [HP]
     o_d = tl.arange(0, D)  # [D]
@@ -108,7 +108,7 @@ def _indexer_topk_kernel(
         b_buf = tl.sort(tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY), descending=True)  # [CAP]
         m_out = o_c < TOPK
         p_o = p_out + i_w * TOPK + o_c
-        if SPLITS > 1:
+        if PACKED:  # split rows: packed (score, id) lists, merged on the host
             tl.store(p_o, b_buf, mask=m_out)
         else:
             b_id = tl.where(m_out & (b_buf != EMPTY), (b_buf & 0xFFFFFFFF).to(tl.int32), 2147483647)
@@ -179,10 +179,10 @@ def indexer_topk(
         q, k, w, tiles if tiles is not None else buf, buf, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
-        s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog,
+        s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
         TOPK=topk, CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
-        HAS_TILES=tiles is not None, SPLITS=splits, num_warps=4,
+        HAS_TILES=tiles is not None, PACKED=splits > 1, num_warps=4,
     )
     if splits == 1:
         return out[:, :, :, 0]

@@ -37,5 +37,7 @@ def test_forced_first_and_last_blocks_always_searched():
 def test_config_errors():
     with pytest.raises(ValueError, match="power of two"):
         blocksieve.method("hisa", block=100)
+    with pytest.raises(ValueError, match="m must be >= 2"):
+        blocksieve.method("hisa", m=1)
     with pytest.raises(ValueError, match="pool"):
         blocksieve.method("hisa", pool="median")

@@ -7,7 +7,7 @@ import blocksieve
 
 def brute_rows(q, k, cfg):
     """Loop version of the rule: per chunk, per candidate key, Σ_h softmax over candidates."""
-    b, hq, lq, d = q.shape
+    _, hq, lq, d = q.shape
     lkv = k.shape[2]
     g = hq // k.shape[1]
     rows = []

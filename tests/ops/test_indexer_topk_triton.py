@@ -76,3 +76,13 @@ def test_tile_list_and_pooled_forced_ends():
     for i in range(4):
         row = set(blocks[0, 0, i].tolist())
         assert {0, (r0 + i) // 8} <= row and max(row) <= (r0 + i) // 8
+
+
+def test_hisa_and_misa_kernel_paths_match_torch():
+    from blocksieve.select.token_topk import hisa_topk, misa_topk
+
+    q, k = torch.randn(1, 2, 36, 16, device=DEVICE), torch.randn(1, 1, 36, 16, device=DEVICE)
+    ix = gqa_indexer(q, k)
+    for fn in (lambda be: hisa_topk(ix, 4, block=16, m=2, backend=be), lambda be: misa_topk(ix, 4, h=1, block=16, backend=be)):
+        got, want = fn("triton"), fn("torch")
+        assert_topk_equal(ix, got.indices, want.indices.long(), 0)

@@ -1,0 +1,58 @@
+"""``hisa``: hierarchical indexer — pooled key blocks first, exact token scores on the survivors.
+
+"HISA: Hierarchical Indexer for Sparse Attention" (2025), a drop-in for DSA's flat scan:
+
+1. mean-pool (or max-pool) the indexer keys in blocks of ``block = 128``;
+2. score the blocks with the same indexer, ``J[t,b] = Σ_j w[t,j]·act(q[t,j]·k̄_b)``, over the causal
+   blocks; force the first block (sink) and the last (local, partly in the future);
+3. keep the top ``m = 64`` blocks → ``m·block = 8192`` candidate tokens;
+4. exact token scores on the candidates with the token-level causal mask; top ``topk = 2048``.
+
+Rows whose prefix fits in ``m·block`` tokens are exact DSA and skip the coarse stage. Decode keeps
+the pooled keys in the state and pools only the newest block again each step.
+Scorer and head sharing as in :mod:`blocksieve.methods.dsa`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blocksieve.methods.dsa import IndexerMethod
+from blocksieve.methods.registry import register
+from blocksieve.select.indexer import Indexer
+from blocksieve.select.token_topk import hisa_topk, update_pooled
+
+
+@dataclass(frozen=True)
+class HisaConfig:
+    topk: int = 2048
+    block: int = 128
+    m: int = 64
+    pool: str = "mean"
+    act: str = "linear"
+    backend: str = "auto"
+
+
+@register
+class Hisa(IndexerMethod):
+    """Block-then-token hierarchical indexer (per KV group)."""
+
+    name = "hisa"
+    summary = "HISA: pooled-block indexer picks m blocks, exact token top-k inside them"
+    Config = HisaConfig
+
+    def check_config(self) -> None:
+        super().check_config()
+        c = self.config
+        if c.block <= 0 or c.block & (c.block - 1):
+            raise ValueError(f"block must be a power of two, got {c.block}")
+        if c.m < 2:
+            raise ValueError(f"m must be >= 2 (the first and the last block are always kept), got {c.m}")
+        if c.pool not in ("mean", "max"):
+            raise ValueError(f"pool={c.pool!r} is not 'mean' or 'max'")
+
+    def _choose(self, ix: Indexer, state: dict) -> tuple:
+        c = self.config
+        pooled = update_pooled(state.get("pooled"), state.get("pooled_len", 0), ix.k, c.block, c.pool)
+        state.update(pooled=pooled, pooled_len=ix.kv_len)
+        return hisa_topk(ix, c.topk, c.block, c.m, c.pool, pooled, c.backend), state
