@@ -1,6 +1,6 @@
 """The ``blocksieve`` command: ``demo``, ``eval``, ``bench`` and ``methods``.
 
-* ``blocksieve demo`` — no flags needed: SmolLM2-135M on the CPU, dense vs three methods at 1024
+* ``blocksieve demo`` — no flags needed: SmolLM2-135M on the CPU, dense vs three methods at 2048
   tokens (fidelity, perplexity, passkey, forward time); prints a table, writes a report.
 * ``blocksieve eval --model M --methods a,b --tasks passkey,ppl,fidelity --lengths 2k,4k --out DIR``.
 * ``blocksieve bench`` — attention kernel speed (select + attend vs dense SDPA) and end-to-end
@@ -22,14 +22,14 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "parse_length", "DEMO_METHODS"]
 
-DEMO_LENGTH = 1024
+DEMO_LENGTH = 2048
 DEMO_FIDELITY_LAYERS = 6
 DEMO_METHODS = {
     "streaming": {"sink_tokens": 64, "local_tokens": 256},
     "moba": {"moba_block": 128, "top_k": 3, "sink_blocks": 1},
     "xattention": {"block": 64, "tau": 0.9},
 }
-"""The demo's methods with configs sized for 1024 tokens (moba with FlashMoBA's small blocks plus a
+"""The demo's methods with configs sized for 2048 tokens (moba with FlashMoBA's small blocks plus a
 sink block: the untrained mean-pooled gate rarely picks the sink by itself, docs/dev/blocks_notes.md).
 Token-level methods are left out: their CPU path is too slow for a few-minute demo."""
 
