@@ -237,13 +237,13 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from blocksieve.eval.speed import run_bench
+    from blocksieve.eval.speed import BenchArgumentError, run_bench
 
     device = _device(args.device)
     try:
         results = run_bench(args.methods, args.lengths, device, args.model, args.method_config, args.out,
                             command=args.command_line, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as e:
+    except BenchArgumentError as e:  # only argument problems; a failure inside a run keeps its traceback
         raise UsageError(str(e))
     print(results["table"])
     print(f"\nresults: {Path(args.out) / 'bench.json'}")

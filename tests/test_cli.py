@@ -119,3 +119,20 @@ def test_bench_on_cpu_writes_json(capsys, tmp_path):
     row = data["kernel"][0]
     assert row["check_ok"] and row["length"] == 256 and 0 < row["density"] < 1
     assert data["command"].startswith("blocksieve bench")
+
+
+def test_bench_failure_inside_a_run_is_not_reported_as_a_usage_error(monkeypatch, tmp_path):
+    import blocksieve.eval.speed as speed
+
+    def broken(*args, **kwargs):
+        raise ValueError("bug inside a method")
+
+    monkeypatch.setattr(speed, "kernel_speed", broken)
+    with pytest.raises(ValueError, match="bug inside a method"):
+        main(["bench", "--methods", "streaming", "--lengths", "256", "--device", "cpu", "--out", str(tmp_path), "--quiet"])
+
+
+def test_bench_bad_option_is_a_usage_error(capsys, tmp_path):
+    assert main(["bench", "--methods", "streaming", "--method-config", '{"streaming": {"window": 3}}', "--device", "cpu",
+                 "--out", str(tmp_path), "--quiet"]) == 2
+    assert "valid options" in capsys.readouterr().err

@@ -139,6 +139,20 @@ def _table(rows: list, cols: tuple) -> str:
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(x) for x in cells])
 
 
+class BenchArgumentError(ValueError):
+    """A bad argument of :func:`run_bench`, found before any timing starts."""
+
+
+def _bench_model(model_name: str, lengths: Sequence[int], cuda: bool, device: str):
+    from blocksieve.eval.models import load_model
+
+    model, _ = load_model(model_name, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ValueError(f"lengths {list(lengths)} exceed {model_name}'s context ({limit}): pass --lengths of at most {limit}")
+    return model
+
+
 def run_bench(
     methods: Optional[Sequence[str]],
     lengths: Optional[Sequence[int]],
@@ -156,7 +170,9 @@ def run_bench(
     (9 / 3 heads, D=64, fp32) at 2k and no model unless one is named; the CPU path is the torch
     gather fallback, so CPU numbers show relative cost, not kernel speed.
 
-    Returns ``{"kernel": rows, "model": rows, "note", "table", ...}``.
+    Returns ``{"kernel": rows, "model": rows, "note", "table", ...}``. Argument problems (unknown
+    method or option, unknown model, lengths beyond its context) raise :class:`BenchArgumentError`
+    before any timing; errors during the runs propagate unchanged.
     """
     import json
     import sys
@@ -170,14 +186,17 @@ def run_bench(
     names = list(methods) if methods else [m for m in known if m != "dense"]
     bad = [m for m in names if m not in known]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}: run `blocksieve methods` to list them")
-    configs = method_configs or {}
-    built = {m: blocksieve.method(m, **configs.get(m, {})) for m in names if m != "dense"}
+        raise BenchArgumentError(f"unknown method(s) {bad}: run `blocksieve methods` to list them")
     lengths = list(lengths) if lengths else ([8192, 32768] if cuda else [2048])
     if model_name is None and cuda:
         model_name = "smollm2-135m"
     if model_name == "none":
         model_name = None
+    try:
+        built = {m: blocksieve.method(m, **(method_configs or {}).get(m, {})) for m in names if m != "dense"}
+        model = _bench_model(model_name, lengths, cuda, device) if model_name is not None else None
+    except (ValueError, FileNotFoundError) as e:
+        raise BenchArgumentError(str(e)) from e
     shape = dict(heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16) if cuda else dict(heads=9, kv_heads=3, head_dim=64, dtype=torch.float32)
     note = ("GPU: Triton kernels vs cuDNN/flash SDPA (dense, causal)" if cuda else
             "CPU: blocksieve runs its torch gather fallback here, not the Triton kernels; times show relative cost only")
@@ -185,14 +204,9 @@ def run_bench(
     for length in tqdm(lengths, desc="kernel", disable=not progress):
         kernel_rows += kernel_speed(built, length, device=device, repeats=5 if cuda else 2, **shape)
     model_rows = []
-    if model_name is not None:
+    if model is not None:
         from blocksieve.eval.harness import BASELINE, _Switch
-        from blocksieve.eval.models import load_model
 
-        model, _ = load_model(model_name, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is not None and max(lengths) > limit:
-            raise ValueError(f"lengths {lengths} exceed {model_name}'s context ({limit}): pass --lengths of at most {limit}")
         switch = _Switch(model, (0,))
         for label in tqdm([BASELINE, *built], desc="model", disable=not progress):
             switch.use(label, built.get(label))
