@@ -4,24 +4,17 @@ Rule (STYLE.md): the kernel's error against a float64 golden may be at most twic
 the same-dtype PyTorch reference (the oracle run in fp16/bf16) plus a small floor.
 """
 
-import importlib
-import os
-
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' definition
+ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
 
-import pytest  # noqa: E402
+import pytest
 
-import blocksieve.ops.block_sparse as block_sparse_module  # noqa: E402
-from blocksieve import BlockLayout  # noqa: E402
-from blocksieve.ops.alloc import poisoned_outputs  # noqa: E402
-from tests.helpers import assert_matches_reference, qkv, random_block_layout  # noqa: E402
+import blocksieve.ops.block_sparse as block_sparse_module
+from blocksieve import BlockLayout
+from blocksieve.ops.alloc import poisoned_outputs
+from tests.helpers import assert_matches_reference, qkv, random_block_layout
 
-if not ON_CUDA and type(block_sparse_module._block_sparse_fwd_kernel).__name__ != "InterpretedFunction":
-    block_sparse_module = importlib.reload(block_sparse_module)  # imported earlier without the interpreter
 block_sparse_attention = block_sparse_module.block_sparse_attention
 
 DEVICE = "cuda" if ON_CUDA else "cpu"

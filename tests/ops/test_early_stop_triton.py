@@ -1,23 +1,16 @@
 """S2O's early-stopping Triton kernel against the PyTorch implementation (CPU via TRITON_INTERPRET, or CUDA)."""
 
-import importlib
-import os
-
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel's definition
+ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
 
-import pytest  # noqa: E402
+import pytest
 
-import blocksieve  # noqa: E402
-import blocksieve.ops.early_stop as early_stop  # noqa: E402
-from blocksieve.ops.alloc import poisoned_outputs  # noqa: E402
-from tests.helpers import qkv  # noqa: E402
+import blocksieve
+import blocksieve.ops.early_stop as early_stop
+from blocksieve.ops.alloc import poisoned_outputs
+from tests.helpers import qkv
 
-if not ON_CUDA and type(early_stop._early_stop_kernel).__name__ != "InterpretedFunction":
-    early_stop = importlib.reload(early_stop)  # imported earlier without the interpreter
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -3,23 +3,16 @@
 The interpreter is slow: a few rows of small problems only (``rows=``).
 """
 
-import importlib
-import os
-
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernel's definition
+ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
 
-import pytest  # noqa: E402
+import pytest
 
-import blocksieve.ops.indexer_topk as indexer_topk_module  # noqa: E402
-from blocksieve.select.indexer import candidate_scores, dsa_indexer, gqa_indexer  # noqa: E402
-from blocksieve.select.token_topk import flat_ids, pool_keys, topk_ids  # noqa: E402
+import blocksieve.ops.indexer_topk as indexer_topk_module
+from blocksieve.select.indexer import candidate_scores, dsa_indexer, gqa_indexer
+from blocksieve.select.token_topk import flat_ids, pool_keys, topk_ids
 
-if not ON_CUDA and type(indexer_topk_module._indexer_topk_kernel).__name__ != "InterpretedFunction":
-    indexer_topk_module = importlib.reload(indexer_topk_module)  # imported earlier without the interpreter
 indexer_topk = indexer_topk_module.indexer_topk
 
 DEVICE = "cuda" if ON_CUDA else "cpu"

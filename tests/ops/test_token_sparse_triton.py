@@ -4,24 +4,17 @@ Runs on the CPU through TRITON_INTERPRET, or on CUDA when present. Same error ru
 block-sparse tests: at most twice the same-dtype PyTorch reference's error plus a floor.
 """
 
-import importlib
-import os
-
 import torch
 
-ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' definition
+ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
 
-import pytest  # noqa: E402
+import pytest
 
-import blocksieve.ops.token_sparse as token_sparse_module  # noqa: E402
-from blocksieve import TokenLayout  # noqa: E402
-from blocksieve.ops.alloc import poisoned_outputs  # noqa: E402
-from tests.helpers import assert_matches_reference, qkv, random_token_layout  # noqa: E402
+import blocksieve.ops.token_sparse as token_sparse_module
+from blocksieve import TokenLayout
+from blocksieve.ops.alloc import poisoned_outputs
+from tests.helpers import assert_matches_reference, qkv, random_token_layout
 
-if not ON_CUDA and type(token_sparse_module._token_sparse_fwd_kernel).__name__ != "InterpretedFunction":
-    token_sparse_module = importlib.reload(token_sparse_module)  # imported earlier without the interpreter
 token_sparse_attention = token_sparse_module.token_sparse_attention
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
