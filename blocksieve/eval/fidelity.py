@@ -18,15 +18,13 @@ from blocksieve.layout import TokenLayout, query_positions
 from blocksieve.ops import attend
 from blocksieve.ops.checks import Layout, check_qkv, layout_head_map, resolve_scale
 from blocksieve.ops.reference import CHUNK_ELEMENTS, dense_reference, row_mask
+from blocksieve.select.score import grouped_dot
 
 
 def _dense_probs(q, k, r0, r1, causal, scale):
     """Dense softmax probabilities for rows ``[r0, r1)``: ``[B, Hq, C, Lkv]`` fp32."""
-    b, hq, lq, d = q.shape
-    hkv, lkv = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qc = q[:, :, r0:r1].float().reshape(b, hkv, g, r1 - r0, d)
-    s = torch.matmul(qc, k.float()[:, :, None].transpose(-1, -2)).reshape(b, hq, r1 - r0, lkv) * scale
+    lq, lkv = q.shape[2], k.shape[2]
+    s = grouped_dot(q[:, :, r0:r1], k, scale)
     if causal:
         pos = query_positions(lq, lkv, q.device)[r0:r1]
         s = s.masked_fill(torch.arange(lkv, device=q.device)[None, :] > pos[:, None], float("-inf"))
