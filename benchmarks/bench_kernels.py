@@ -31,7 +31,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from blocksieve.layout import BlockLayout, TokenLayout, causal_block_mask
-from blocksieve.ops.block_sparse import _block_sparse_fwd_tuned, block_sparse_attention
+from blocksieve.ops.block_sparse import (
+    _block_sparse_fwd_impl,
+    _block_sparse_fwd_tma_tuned,
+    _block_sparse_fwd_tuned,
+    block_sparse_attention,
+)
 from blocksieve.ops.reference import reference_attention
 from blocksieve.ops.token_sparse import token_sparse_attention
 
@@ -115,7 +120,7 @@ class Bench:
             "torch": torch.__version__, "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
             "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
             "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bf16", "causal": True, "block_q": BQ},
-            "dense": [], "block_sparse": [], "decode": [], "tuned_configs": {},
+            "dense": [], "block_sparse": [], "decode": [], "variants": [], "tuned_configs": {},
         }
 
     def left(self) -> float:
@@ -184,7 +189,59 @@ def run_block_sparse(bench: Bench, ns, bks, densities):
                       f"x{row.get('speedup_vs_cudnn', 0):5.2f} vs cuDNN, rate {row.get('rate_vs_cudnn', 0):.2f}) "
                       f"flex={row.get('flex_ms', float('nan')):8.3f} ms  err={row['oracle_rel_err']:.1e}", flush=True)
                 del lay, fmask
-            bench.res["tuned_configs"][f"bk{bk}"] = {str(key): str(cfg) for key, cfg in _block_sparse_fwd_tuned.cache.items()}
+            bench.res["tuned_configs"][f"bk{bk}"] = {
+                str(key): str(cfg) for tuner in (_block_sparse_fwd_tuned, _block_sparse_fwd_tma_tuned) for key, cfg in tuner.cache.items()
+            }
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+VARIANTS = {  # kernel launch options compared by --variants (see _block_sparse_fwd_impl)
+    "gather": dict(tma=False),
+    "tma": dict(tma=True),
+    "gather_m64": dict(tma=False, m_target=64),
+    "tma_m64": dict(tma=True, m_target=64),
+    "tma_ws": dict(tma=True, ws=True),
+}
+
+
+def run_variants(bench: Bench, ns, bks, densities):
+    """Time every launch variant of the block-sparse kernel on the same layouts (each checked first)."""
+    for n in ns:
+        torch.manual_seed(n)
+        q = torch.randn(1, HQ, n, D, device=DEVICE, dtype=DTYPE)
+        k = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
+        v = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t_dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        dense_rate = 4 * D * HQ * (n * (n + 1) / 2) / t_dense / 1e9
+        for bk in bks:
+            for dens in densities:
+                lay = sparse_layout(n, bk, dens, seed=n + bk)
+                flops = 4 * D * int(lay.kept_pairs().sum())
+                ref, ref_lse = oracle_tail(q, k, v, lay)
+                args = (q, k, v, lay.indices, lay.counts, BQ, bk, True, 1.0 / math.sqrt(D))
+                for name, opts in VARIANTS.items():
+                    if bench.left() < 30:
+                        print("time budget reached: stopping", flush=True)
+                        return
+                    row = {"N": n, "block_k": bk, "target_density": dens, "variant": name, "cudnn_ms": t_dense}
+                    try:
+                        out, lse = _block_sparse_fwd_impl(*args, **opts)
+                        err, lse_err = tail_errors(out, lse, ref, ref_lse)
+                        row.update(oracle_rel_err=err, correct=bool(err < 1e-2 and lse_err < 1e-2 and not out.isnan().any()))
+                        del out, lse
+                        if row["correct"]:
+                            t = median_ms(lambda: _block_sparse_fwd_impl(*args, **opts))
+                            row.update(ms=t, rate_vs_cudnn=(flops / t / 1e9) / dense_rate, speedup_vs_cudnn=t_dense / t)
+                    except Exception as e:  # a variant may not apply (block too short) or not compile
+                        row["error"] = repr(e)[:300]
+                    bench.res["variants"].append(row)
+                    bench.save()
+                    print(f"N={n:6d} bk={bk:3d} dens={dens:.2f} {name:10s} ok={row.get('correct')} "
+                          f"{row.get('ms', float('nan')):8.3f} ms rate {row.get('rate_vs_cudnn', 0):.2f} "
+                          f"{row.get('error', '')[:80]}", flush=True)
+                del lay, ref, ref_lse
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -231,10 +288,19 @@ def main():
     ap.add_argument("--block-k", default="128,64,32")
     ap.add_argument("--densities", default="0.05,0.1,0.2,0.5,1.0")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new points after this")
+    ap.add_argument("--variants", action="store_true", help="compare kernel launch variants instead of the sweep")
+    ap.add_argument("--no-decode", action="store_true", help="skip the token-sparse decode benchmark")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64  # FlexAttention recompiles per (N, block) shape
     bench = Bench(args.out, args.budget_s)
-    run_decode(bench)
+    if args.variants:
+        run_variants(bench, [int(x) for x in args.ns.split(",")], [int(x) for x in args.block_k.split(",")],
+                     [float(x) for x in args.densities.split(",")])
+        bench.res["elapsed_s"] = time.time() - bench.t0
+        bench.save()
+        return
+    if not args.no_decode:
+        run_decode(bench)
     run_block_sparse(bench, [int(x) for x in args.ns.split(",")], [int(x) for x in args.block_k.split(",")],
                      [float(x) for x in args.densities.split(",")])
     bench.res["elapsed_s"] = time.time() - bench.t0

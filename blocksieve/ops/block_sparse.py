@@ -7,6 +7,12 @@ once for all of them). It walks the layout's selected key blocks as one concaten
 key slots, ``BLOCK_N`` slots per MMA tile: key blocks smaller than the tile (16, 32) are gathered
 several to a tile, larger ones are split. Online softmax in base 2 (FlashAttention-2).
 
+Key tiles come in one of two ways. On Hopper (and in the interpreter), when a key block is at least
+one tile wide and K/V are contiguous ``[B, H, L, D]``, the tensor memory accelerator copies each
+tile from a ``[B*H*L, D]`` descriptor (no per-row addresses in registers); on an H200 this took the
+full-density rate from 0.75 to 0.88 of cuDNN at 32K (docs/dev/kernel_notes.md, v4). Otherwise
+(16/32-key blocks, strided K/V views, older GPUs) rows are gathered through pointers.
+
 Tiles whose keys are all visible to every row of the program run without any mask; only the
 tail of the list (blocks that straddle the causal diagonal or the end of the keys, at most
 ``block_q / block_k + 2`` entries in a valid causal layout) pays for token masking.
@@ -19,6 +25,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksieve.layout import BlockLayout
 from blocksieve.ops._triton_utils import (
@@ -41,31 +48,51 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, t_lo, t_hi, kv_len, qk_scale,
-    D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr,
+    acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, desc_k, desc_v, row0, o_pos, t_lo, t_hi, kv_len,
+    qk_scale, D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
 ):
     """Online-softmax update over key-slot tiles ``[t_lo, t_hi)``; token masks only when ``MASKED``.
 
+    ``TMA``: each tile is one contiguous run of ``BLOCK_N <= BLOCK_K`` keys, copied by the tensor
+    memory accelerator from ``desc_k`` / ``desc_v`` (``[rows, D]`` views whose row of key ``j`` is
+    ``row0 + j``); otherwise rows are gathered through ``p_k`` / ``p_v`` pointers. ``WS``: Triton's
+    warp specialisation of the loop (loads, MMAs and softmax in separate warp groups).
     The block ids of the next tile are loaded one iteration ahead and carried in the loop: loaded
     inside the iteration that uses them, Triton 3.6 pipelining (``num_stages >= 2``, wgmma) gave
     wrong results on an H200 (docs/dev/kernel_notes.md, v0).
     """
     o_d = tl.arange(0, D)  # [D]
-    o_s = t_lo * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] slot in the concatenated selected blocks
-    b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] block id of each slot
-    for _ in range(t_lo, t_hi):
-        o_key = b_blk * BLOCK_K + o_s % BLOCK_K  # [BLOCK_N] absolute key position
-        o_kv = o_key.to(tl.int64)
-        if MASKED:
-            m_key = (o_s // BLOCK_K < cnt) & (o_key < kv_len)  # [BLOCK_N]
-            b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+    o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    if TMA:
+        s_0 = t_lo * BLOCK_N  # first slot of the tile
+        blk = tl.load(p_idx + s_0 // BLOCK_K, mask=s_0 // BLOCK_K < cnt, other=0)  # block id of the tile
+    else:
+        o_s = t_lo * BLOCK_N + o_n  # [BLOCK_N] slot in the concatenated selected blocks
+        b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] block id of each slot
+    for _ in tl.range(t_lo, t_hi, warp_specialize=WS):
+        if TMA:
+            key_0 = blk * BLOCK_K + s_0 % BLOCK_K
+            o_key = key_0 + o_n  # [BLOCK_N] absolute key position
+            b_k = desc_k.load([row0 + key_0, 0])  # [BLOCK_N, D]
+            b_v = desc_v.load([row0 + key_0, 0])  # [BLOCK_N, D]
+            if MASKED:  # rows past kv_len belong to the next head (or are TMA's zero fill)
+                b_v = tl.where((o_key < kv_len)[:, None], b_v, 0.0)
+                m_key = o_key < kv_len  # [BLOCK_N]
+            s_0 += BLOCK_N
+            blk = tl.load(p_idx + s_0 // BLOCK_K, mask=s_0 // BLOCK_K < cnt, other=0)  # next tile's id
         else:
-            b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :])  # [BLOCK_N, D]
-            b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :])  # [BLOCK_N, D]
-        o_s += BLOCK_N
-        b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] next tile's ids
+            o_key = b_blk * BLOCK_K + o_s % BLOCK_K  # [BLOCK_N] absolute key position
+            o_kv = o_key.to(tl.int64)
+            if MASKED:
+                m_key = (o_s // BLOCK_K < cnt) & (o_key < kv_len)  # [BLOCK_N]
+                b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+                b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+            else:
+                b_k = tl.load(p_k + o_kv[:, None] * stride_kl + o_d[None, :])  # [BLOCK_N, D]
+                b_v = tl.load(p_v + o_kv[:, None] * stride_vl + o_d[None, :])  # [BLOCK_N, D]
+            o_s += BLOCK_N
+            b_blk = tl.load(p_idx + o_s // BLOCK_K, mask=o_s // BLOCK_K < cnt, other=0)  # [BLOCK_N] next tile's ids
         b_s = tl.dot(mma_operand(b_q, UPCAST), mma_operand(tl.trans(b_k), UPCAST))  # [BLOCK_M, BLOCK_N] raw scores
         if MASKED:
             m_vis = m_key[None, :]  # [1, BLOCK_N]
@@ -87,7 +114,7 @@ def _attend_tiles(
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, LSE, IDX, CNT,
+    Q, K, V, O, LSE, IDX, CNT, DESC_K, DESC_V,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -97,7 +124,8 @@ def _block_sparse_fwd_kernel(
     stride_cb, stride_ch, stride_cq,
     q_len, kv_len, n_layout_heads, group, heads_per_layout, n_row_chunks, n_head_chunks, n_q_blocks, qk_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NTAIL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, NTAIL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = HEADS * ROWS
     i_bh = tl.program_id(0)
@@ -140,16 +168,17 @@ def _block_sparse_fwd_kernel(
 
     p_k = K + b64 * stride_kb + i_hkv.to(tl.int64) * stride_kh
     p_v = V + b64 * stride_vb + i_hkv.to(tl.int64) * stride_vh
+    row0 = (i_b * (n_layout_heads * heads_per_layout // group) + i_hkv) * kv_len  # row of key 0 in DESC_K/DESC_V
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, 0, n_full_tiles, kv_len, qk_scale,
-        D, BLOCK_K, BLOCK_N, False, CAUSAL, UPCAST,
+        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, DESC_K, DESC_V, row0, o_pos, 0, n_full_tiles,
+        kv_len, qk_scale, D, BLOCK_K, BLOCK_N, False, CAUSAL, UPCAST, TMA, WS,
     )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, o_pos, n_full_tiles, n_tiles, kv_len, qk_scale,
-        D, BLOCK_K, BLOCK_N, True, CAUSAL, UPCAST,
+        acc, l_i, m_i, b_q, p_idx, cnt, p_k, p_v, stride_kl, stride_vl, DESC_K, DESC_V, row0, o_pos, n_full_tiles, n_tiles,
+        kv_len, qk_scale, D, BLOCK_K, BLOCK_N, True, CAUSAL, UPCAST, TMA, False,
     )
 
     m_empty = l_i == 0.0  # [BLOCK_M] rows that kept no key
@@ -160,12 +189,12 @@ def _block_sparse_fwd_kernel(
     tl.store(LSE + b64 * stride_lb + o_hq * stride_lh + o_i64, b_lse, mask=m_row)
 
 
-def _configs():
+def _configs(block_n: tuple) -> list:
     """Autotuning space (CUDA only); :func:`_prune` keeps the ones that suit the tile."""
     return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_N": bn} if bn else {}, num_warps=w, num_stages=s)
         for w in (8, 4)
-        for bn, s in ((128, 3), (64, 3), (128, 2), (64, 4), (32, 3))
+        for bn, s in block_n
     ]
 
 
@@ -176,19 +205,26 @@ def _prune(configs, named_args, **kwargs):
     d, m = meta["D"], meta["HEADS"] * meta["ROWS"]
     warps = 8 if m >= 128 or d == 256 else 4
     block_n = (32, 64) if d == 256 else (128,) if m >= 128 else (64, 128)
-    return [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_N"] in block_n]
+    return [c for c in configs if c.num_warps == warps and c.kwargs.get("BLOCK_N", meta.get("BLOCK_N")) in block_n]
 
 
+_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL", "UPCAST", "TMA", "WS"]
 _block_sparse_fwd_tuned = triton.autotune(
-    configs=_configs(),
-    key=["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL", "UPCAST"],
+    configs=_configs(((128, 3), (64, 3), (128, 2), (64, 4), (32, 3))),
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)(_block_sparse_fwd_kernel)
+# TMA tiles: BLOCK_N is fixed by the descriptors' block shape, so only warps and stages are tuned.
+_block_sparse_fwd_tma_tuned = triton.autotune(
+    configs=_configs(((None, 2), (None, 3), (None, 4))),
+    key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune},
 )(_block_sparse_fwd_kernel)
 
 
-def _tile_shape(q_len: int, block_q: int, d: int, heads_per_layout: int) -> tuple:
+def _tile_shape(q_len: int, block_q: int, d: int, heads_per_layout: int, m_target: int = 0) -> tuple:
     """``(ROWS, HEADS)`` of a program tile: rows of one query block times stacked query heads."""
-    m_target = 64 if d == 256 else 128
+    m_target = m_target or (64 if d == 256 else 128)
     rows = next_pow2(min(block_q, q_len))
     heads = min(next_pow2(heads_per_layout), max(1, m_target // rows))
     if rows * heads < 16:  # tl.dot needs 16 rows: pad with masked heads or rows
@@ -199,23 +235,62 @@ def _tile_shape(q_len: int, block_q: int, d: int, heads_per_layout: int) -> tupl
     return rows, heads
 
 
+def _tma_block_n(m: int, d: int, block_k: int, force: bool) -> int:
+    """Key rows per TMA tile for a program of ``m`` query rows, or 0 for the gather path.
+
+    By default a tile is as wide as the gather path's (128 keys for 128-row programs, 64 otherwise),
+    so it needs ``block_k`` at least that wide; ``force`` takes narrower tiles down to 32 keys.
+    """
+    block_n = 64 if d == 256 or m < 128 else 128
+    if force:
+        block_n = min(block_n, block_k)
+    return block_n if block_k >= block_n >= 32 else 0
+
+
+def _row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t [B, H, L, D]`` as a ``[B*H*L, D]`` view when its strides allow one TMA-friendly view, else None."""
+    b, h, length, d = t.shape
+    s_b, s_h, s_l, s_d = t.stride()
+    mergeable = s_d == 1 and s_l == d and (h == 1 or s_h == length * d) and (b == 1 or s_b == h * length * d)
+    aligned = t.data_ptr() % 16 == 0 and (d * t.element_size()) % 16 == 0
+    return t.view(b * h * length, d) if mergeable and aligned else None
+
+
+def _use_tma(q: torch.Tensor) -> bool:
+    """TMA copies exist on Hopper and later (and in the CPU interpreter, which emulates them)."""
+    if interpreting():
+        return True
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def _block_sparse_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
-    block_q: int, block_k: int, causal: bool, scale: float,
+    block_q: int, block_k: int, causal: bool, scale: float, tma: Optional[bool] = None, m_target: int = 0,
+    ws: bool = False,
 ) -> tuple:
+    """Launch the kernel; ``tma`` (None = when possible), ``m_target`` (0 = default tile rows) and ``ws``
+    (warp-specialised TMA loop) are for benchmarks."""
     b, hq, q_len, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     h_lay, nq = indices.shape[1], indices.shape[2]
     heads_per_layout = hq // h_lay
     out = empty_output(*q.shape, dtype=q.dtype, device=q.device)
     lse = empty_output(b, hq, q_len, dtype=torch.float32, device=q.device)
-    rows, heads = _tile_shape(q_len, block_q, d, heads_per_layout)
+    rows, heads = _tile_shape(q_len, block_q, d, heads_per_layout, m_target)
     n_row_chunks = triton.cdiv(min(block_q, q_len), rows)
     n_head_chunks = triton.cdiv(heads_per_layout, heads)
     ntail = next_pow2(block_q // block_k + 2) if causal else 2
     grid = (b * h_lay, nq * n_row_chunks * n_head_chunks)
+    tma_n = _tma_block_n(rows * heads, d, block_k, bool(tma)) if tma is not False and _use_tma(q) else 0
+    k_rows, v_rows = (_row_view(k), _row_view(v)) if tma_n else (None, None)
+    desc_k = desc_v = None
+    if k_rows is not None and v_rows is not None:
+        desc_k = TensorDescriptor.from_tensor(k_rows, block_shape=[tma_n, d])
+        desc_v = TensorDescriptor.from_tensor(v_rows, block_shape=[tma_n, d])
+    elif tma:
+        raise ValueError("tma=True needs block_k >= the TMA tile and k, v laid out as contiguous [B, H, L, D]")
     args = (
-        q, k, v, out, lse, indices, counts,
+        q, k, v, out, lse, indices, counts, desc_k, desc_v,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -226,8 +301,13 @@ def _block_sparse_fwd_impl(
         q_len, kv_len, h_lay, hq // hkv, heads_per_layout, n_row_chunks, n_head_chunks, nq, scale * LOG2E,
     )
     meta = dict(D=d, BLOCK_Q=block_q, BLOCK_K=block_k, ROWS=rows, HEADS=heads, NTAIL=ntail, CAUSAL=causal,
-                UPCAST=upcast_dots(q.dtype))
-    if interpreting():
+                UPCAST=upcast_dots(q.dtype), TMA=desc_k is not None, WS=ws and desc_k is not None)
+    if desc_k is not None:
+        if interpreting():
+            _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=tma_n)
+        else:
+            _block_sparse_fwd_tma_tuned[grid](*args, **meta, BLOCK_N=tma_n)
+    elif interpreting():
         _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=64)
     else:
         _block_sparse_fwd_tuned[grid](*args, **meta)

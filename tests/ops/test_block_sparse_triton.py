@@ -80,3 +80,33 @@ def test_rejects_unsupported_inputs(change, message):
     layout = random_block_layout(1, cfg["h"], 64, 64, cfg["bq"], cfg["bk"], device=DEVICE)
     with pytest.raises(ValueError, match=message):
         block_sparse_attention(q, k, v, layout)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "gather"])
+@pytest.mark.parametrize("bq, bk, shared", [(64, 64, False), (128, 128, True), (64, 128, False), (128, 32, False)])
+def test_tma_and_gather_tiles_both_match_reference(tma, bq, bk, shared):
+    q, k, v = qkv(1, 4, 2, 300, 300, 64, dtype=torch.bfloat16, device=DEVICE)
+    layout = random_block_layout(1, 2 if shared else 4, 300, 300, bq, bk, p=0.5, device=DEVICE)
+    with poisoned_outputs():
+        out, lse = block_sparse_module._block_sparse_fwd_impl(
+            q, k, v, layout.indices, layout.counts, bq, bk, True, 0.125, tma=tma
+        )
+    assert_matches_reference(out, lse, q, k, v, layout)
+
+
+def test_strided_kv_views_take_the_gather_path_and_match():
+    """K/V as transposed views of [B, L, H, D] (what attention modules produce) are not TMA row views."""
+    q, k, v = qkv(2, 4, 2, 200, 200, 64, dtype=torch.float16, device=DEVICE)
+    k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    assert block_sparse_module._row_view(k_t) is None and block_sparse_module._row_view(k) is not None
+    layout = random_block_layout(2, 4, 200, 200, 64, 64, p=0.5, device=DEVICE)
+    with poisoned_outputs():
+        out, lse = block_sparse_attention(q, k_t, v_t, layout)
+    assert_matches_reference(out, lse, q, k, v, layout)
+
+
+def test_tma_refused_when_blocks_are_shorter_than_a_tile():
+    q, k, v = qkv(1, 2, 2, 64, 64, 64, dtype=torch.float16, device=DEVICE)
+    layout = random_block_layout(1, 2, 64, 64, 64, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="tma=True"):
+        block_sparse_module._block_sparse_fwd_impl(q, k, v, layout.indices, layout.counts, 64, 16, True, 0.125, tma=True)
