@@ -256,6 +256,24 @@ def _row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t.view(b * h * length, d) if mergeable and aligned else None
 
 
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, copy: bool) -> tuple:
+    """``(k, v, desc_k, desc_v)``: TMA descriptors of ``block_n`` rows, or ``None`` for the gather path.
+
+    Strided K/V (e.g. ``[B, L, H, D]`` projections viewed as ``[B, H, L, D]``) are copied to
+    contiguous memory when ``copy`` (prefill: the copy reads K/V once, the kernel reads them many
+    times); otherwise (decode over a long cache) they stay strided and take the gather path.
+    """
+    if not block_n:
+        return k, v, None, None
+    k_rows, v_rows = _row_view(k), _row_view(v)
+    if (k_rows is None or v_rows is None) and copy:
+        k, v = k.contiguous(), v.contiguous()
+        k_rows, v_rows = _row_view(k), _row_view(v)
+    if k_rows is None or v_rows is None:
+        return k, v, None, None
+    return k, v, TensorDescriptor.from_tensor(k_rows, [block_n, k.shape[-1]]), TensorDescriptor.from_tensor(v_rows, [block_n, v.shape[-1]])
+
+
 def _use_tma(q: torch.Tensor) -> bool:
     """TMA copies exist on Hopper and later (and in the CPU interpreter, which emulates them)."""
     if interpreting():
@@ -282,12 +300,8 @@ def _block_sparse_fwd_impl(
     ntail = next_pow2(block_q // block_k + 2) if causal else 2
     grid = (b * h_lay, nq * n_row_chunks * n_head_chunks)
     tma_n = _tma_block_n(rows * heads, d, block_k, bool(tma)) if tma is not False and _use_tma(q) else 0
-    k_rows, v_rows = (_row_view(k), _row_view(v)) if tma_n else (None, None)
-    desc_k = desc_v = None
-    if k_rows is not None and v_rows is not None:
-        desc_k = TensorDescriptor.from_tensor(k_rows, block_shape=[tma_n, d])
-        desc_v = TensorDescriptor.from_tensor(v_rows, block_shape=[tma_n, d])
-    elif tma:
+    k, v, desc_k, desc_v = _kv_descriptors(k, v, tma_n, copy=q_len * 4 >= kv_len)
+    if tma and desc_k is None:
         raise ValueError("tma=True needs block_k >= the TMA tile and k, v laid out as contiguous [B, H, L, D]")
     args = (
         q, k, v, out, lse, indices, counts, desc_k, desc_v,

@@ -94,15 +94,20 @@ def test_tma_and_gather_tiles_both_match_reference(tma, bq, bk, shared):
     assert_matches_reference(out, lse, q, k, v, layout)
 
 
-def test_strided_kv_views_take_the_gather_path_and_match():
-    """K/V as transposed views of [B, L, H, D] (what attention modules produce) are not TMA row views."""
-    q, k, v = qkv(2, 4, 2, 200, 200, 64, dtype=torch.float16, device=DEVICE)
+@pytest.mark.parametrize("lq", [200, 1], ids=["prefill-copies-for-tma", "decode-gathers"])
+def test_strided_kv_views_match(lq, monkeypatch):
+    """K/V as transposed views of [B, L, H, D] (what attention modules produce): not TMA row views."""
+    made = []
+    real = block_sparse_module.TensorDescriptor.from_tensor
+    monkeypatch.setattr(block_sparse_module.TensorDescriptor, "from_tensor", lambda *a: made.append(1) or real(*a))
+    q, k, v = qkv(2, 4, 2, lq, 200, 64, dtype=torch.float16, device=DEVICE)
     k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     assert block_sparse_module._row_view(k_t) is None and block_sparse_module._row_view(k) is not None
-    layout = random_block_layout(2, 4, 200, 200, 64, 64, p=0.5, device=DEVICE)
+    layout = random_block_layout(2, 4, lq, 200, 64, 64, p=0.5, device=DEVICE)
     with poisoned_outputs():
         out, lse = block_sparse_attention(q, k_t, v_t, layout)
     assert_matches_reference(out, lse, q, k, v, layout)
+    assert len(made) == (2 if lq > 1 else 0)  # TMA only where the copy pays
 
 
 def test_tma_refused_when_blocks_are_shorter_than_a_tile():
