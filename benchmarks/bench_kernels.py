@@ -205,7 +205,7 @@ VARIANTS = {  # kernel launch options compared by --variants (see _block_sparse_
 }
 
 
-def run_variants(bench: Bench, ns, bks, densities):
+def run_variants(bench: Bench, ns, bks, densities, names):
     """Time every launch variant of the block-sparse kernel on the same layouts (each checked first)."""
     for n in ns:
         torch.manual_seed(n)
@@ -221,7 +221,8 @@ def run_variants(bench: Bench, ns, bks, densities):
                 flops = 4 * D * int(lay.kept_pairs().sum())
                 ref, ref_lse = oracle_tail(q, k, v, lay)
                 args = (q, k, v, lay.indices, lay.counts, BQ, bk, True, 1.0 / math.sqrt(D))
-                for name, opts in VARIANTS.items():
+                for name in names:
+                    opts = VARIANTS[name]
                     if bench.left() < 30:
                         print("time budget reached: stopping", flush=True)
                         return
@@ -289,13 +290,14 @@ def main():
     ap.add_argument("--densities", default="0.05,0.1,0.2,0.5,1.0")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new points after this")
     ap.add_argument("--variants", action="store_true", help="compare kernel launch variants instead of the sweep")
+    ap.add_argument("--variant-names", default=",".join(VARIANTS), help="subset of the variants to time")
     ap.add_argument("--no-decode", action="store_true", help="skip the token-sparse decode benchmark")
     args = ap.parse_args()
     torch._dynamo.config.recompile_limit = 64  # FlexAttention recompiles per (N, block) shape
     bench = Bench(args.out, args.budget_s)
     if args.variants:
         run_variants(bench, [int(x) for x in args.ns.split(",")], [int(x) for x in args.block_k.split(",")],
-                     [float(x) for x in args.densities.split(",")])
+                     [float(x) for x in args.densities.split(",")], args.variant_names.split(","))
         bench.res["elapsed_s"] = time.time() - bench.t0
         bench.save()
         return
