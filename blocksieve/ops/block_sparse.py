@@ -205,7 +205,8 @@ def _prune(configs, named_args, **kwargs):
     d, m = meta["D"], meta["HEADS"] * meta["ROWS"]
     warps = 8 if m >= 128 or d == 256 else 4
     block_n = (32, 64) if d == 256 else (128,) if m >= 128 else (64, 128)
-    return [c for c in configs if c.num_warps == warps and c.kwargs.get("BLOCK_N", meta.get("BLOCK_N")) in block_n]
+    # TMA configs carry no BLOCK_N: the launcher fixed it to the descriptors' block shape
+    return [c for c in configs if c.num_warps == warps and c.kwargs.get("BLOCK_N", block_n[0]) in block_n]
 
 
 _TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "ROWS", "HEADS", "CAUSAL", "UPCAST", "TMA", "WS"]
@@ -299,6 +300,10 @@ def _block_sparse_fwd_impl(
     n_head_chunks = triton.cdiv(heads_per_layout, heads)
     ntail = next_pow2(block_q // block_k + 2) if causal else 2
     grid = (b * h_lay, nq * n_row_chunks * n_head_chunks)
+    if grid[1] > 65535:  # CUDA's y grid limit
+        raise ValueError(
+            f"{grid[1]} query tiles per head exceed the kernel's grid (65,535): use block_q=128 or attend in query chunks"
+        )
     tma_n = _tma_block_n(rows * heads, d, block_k, bool(tma)) if tma is not False and _use_tma(q) else 0
     k, v, desc_k, desc_v = _kv_descriptors(k, v, tma_n, copy=q_len * 4 >= kv_len)
     if tma and desc_k is None:

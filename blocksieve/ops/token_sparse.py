@@ -48,8 +48,8 @@ def _token_sparse_fwd_kernel(
     q_len, kv_len, n_layout_heads, group, heads_per_layout, n_sel, split_len, qk_scale,
     D: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_bh = tl.program_id(0)
-    i_i = tl.program_id(1)
+    i_i = tl.program_id(0)  # query rows on the x axis: up to 2^31 - 1 (y and z stop at 65,535)
+    i_bh = tl.program_id(1)
     i_s = tl.program_id(2)
     i_b = i_bh // n_layout_heads
     i_lh = i_bh % n_layout_heads
@@ -149,7 +149,7 @@ def _token_sparse_fwd_impl(
     else:
         o_part = empty_output(n_splits, b, hq, q_len, d, dtype=torch.float32, device=q.device)
         l_part = empty_output(n_splits, b, hq, q_len, dtype=torch.float32, device=q.device)
-    _token_sparse_fwd_kernel[(b * h_lay, q_len, n_splits)](
+    _token_sparse_fwd_kernel[(q_len, b * h_lay, n_splits)](
         q, k, v, o_part, l_part, indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
