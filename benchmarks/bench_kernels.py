@@ -202,6 +202,8 @@ VARIANTS = {  # kernel launch options compared by --variants (see _block_sparse_
     "gather_m64": dict(tma=False, m_target=64),
     "tma_m64": dict(tma=True, m_target=64),
     "tma_ws": dict(tma=True, ws=True),
+    "gather_n64": dict(tma=False, block_n=64),
+    "gather_n32": dict(tma=False, block_n=32),
 }
 
 

@@ -285,10 +285,10 @@ def _use_tma(q: torch.Tensor) -> bool:
 def _block_sparse_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
     block_q: int, block_k: int, causal: bool, scale: float, tma: Optional[bool] = None, m_target: int = 0,
-    ws: bool = False,
+    ws: bool = False, block_n: int = 0,
 ) -> tuple:
-    """Launch the kernel; ``tma`` (None = when possible), ``m_target`` (0 = default tile rows) and ``ws``
-    (warp-specialised TMA loop) are for benchmarks."""
+    """Launch the kernel; ``tma`` (None = when possible), ``m_target`` (0 = default tile rows), ``ws``
+    (warp-specialised TMA loop) and ``block_n`` (fixed gather tile, 0 = autotuned) are for benchmarks."""
     b, hq, q_len, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     h_lay, nq = indices.shape[1], indices.shape[2]
@@ -326,8 +326,9 @@ def _block_sparse_fwd_impl(
             _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=tma_n)
         else:
             _block_sparse_fwd_tma_tuned[grid](*args, **meta, BLOCK_N=tma_n)
-    elif interpreting():
-        _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=64)
+    elif interpreting() or block_n:
+        warps = 8 if rows * heads >= 128 or d == 256 else 4
+        _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=block_n or 64, num_warps=warps, num_stages=3)
     else:
         _block_sparse_fwd_tuned[grid](*args, **meta)
     return out, lse
