@@ -9,13 +9,19 @@ each method's own block size. Values at 5/10/20 % density are linear interpolati
 method's sweep. Quest is evaluated in decode: each of the last ``--decode-rows`` positions is one
 step against its prefix, compared with the exact page top-k (true page mass) of the same size.
 
+Memory: selection sees the whole layer; judging streams one query head and one chunk of rows at a
+time (:class:`RowChunk`: exact probabilities of the chunk aggregated per 64-key block), so nothing
+of size ``L × L`` is held — 16K contexts fit in a few GiB. ``--heads`` judges a subset of heads.
+
 Usage::
 
-    python benchmarks/fidelity_blocks.py --model smollm2-135m --text kjv --length 4096 --layers 5,15,25
-    python benchmarks/fidelity_blocks.py --text austen ...
+    python benchmarks/fidelity_blocks.py --model smollm2-135m --text kjv --length 4096 --layers 8,20
+    python benchmarks/fidelity_blocks.py --model qwen2.5-coder-0.5b --length 16384 --layers 5,12,20 --heads 0,4,8,12
+    python benchmarks/fidelity_blocks.py ... --replot --merge _xatt_flex   # redraw, adding another run's sweeps
 
-Writes ``benchmarks/results/fidelity_blocks_<model>_<text>_<length>.json`` and
-``docs/img/pareto_blocks_<model>_<text>_<length>.png``.
+Writes ``benchmarks/results/fidelity_blocks_<model>_<text>_<length><suffix>.json`` and
+``docs/img/pareto_blocks_<model>_<text>_<length><suffix>.png``. Contexts above 8K use the papers'
+block sizes (``SWEEPS_LONG``), shorter ones 64-token blocks (``SWEEPS``).
 """
 
 from __future__ import annotations
@@ -35,14 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import blocksieve  # noqa: E402
-from blocksieve.eval.fidelity import output_error  # noqa: E402
 from blocksieve.layout import query_positions  # noqa: E402
 from blocksieve.methods.oracle import select_from_mass  # noqa: E402
-from blocksieve.ops.reference import CHUNK_ELEMENTS, row_mask  # noqa: E402
-from blocksieve.select.score import grouped_dot  # noqa: E402
 
 TARGETS = (0.05, 0.10, 0.20)
-ORACLE_DENSITIES = (0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7)
+ORACLE_DENSITIES = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7)
 
 # name → (registered method, fixed config, knob, knob values, oracle (block_q, block_k)). Blocks are
 # scaled to 64 for 4K-token contexts (the papers' 128-256 are tuned for 32K-128K; at 4K their forced
@@ -56,6 +59,22 @@ SWEEPS = {
     "pbs": ("pbs", dict(segment=128, block=64), "tau", (0.1, 0.3, 0.5, 0.7, 0.8, 0.9), (64, 64)),
     "block_select": ("pbs", dict(segment=128, block=64, permute=False), "tau", (0.1, 0.3, 0.5, 0.7, 0.8, 0.9), (64, 64)),
     "s2o": ("s2o", dict(segment=64, backend="torch"), "tau", (0.3, 0.2, 0.1, 0.05, 0.02, 0.01), (64, 64)),
+    "s2o_lse": ("s2o", dict(segment=64, rank="lse", backend="torch"), "tau", (0.3, 0.2, 0.1, 0.05, 0.02, 0.01), (64, 64)),
+    "s2o_sample": ("s2o", dict(segment=64, rank="sample", backend="torch"), "tau", (0.3, 0.2, 0.1, 0.05, 0.02, 0.01), (64, 64)),
+}
+# Long contexts (16K+): the papers' blocks and segments.
+SWEEPS_LONG = {
+    "moba": ("moba", dict(moba_block=512, block_q=64, block_k=128), "top_k", (2, 3, 4, 6, 8), (64, 512)),
+    "moba_128": ("moba", dict(moba_block=128, block_q=64, block_k=128), "top_k", (4, 8, 12, 16, 24, 32), (64, 128)),
+    "moba_128_sink": ("moba", dict(moba_block=128, block_q=64, block_k=128, sink_blocks=1), "top_k", (4, 8, 12, 16, 24), (64, 128)),
+    "xattention": ("xattention", dict(), "tau", (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), (128, 128)),
+    "vertical_slash": ("vertical_slash", dict(local_slashes=64), "vertical_size", (4, 8, 16, 32, 64, 128), (64, 64)),
+    "flexprefill": ("flexprefill", dict(), "gamma", (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98), (128, 128)),
+    "pbs": ("pbs", dict(), "tau", (0.3, 0.7, 0.9, 0.95, 0.98, 0.99), (128, 128)),
+    "block_select": ("pbs", dict(permute=False), "tau", (0.3, 0.7, 0.9, 0.95, 0.98, 0.99), (128, 128)),
+    "s2o": ("s2o", dict(backend="torch"), "tau", (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003), (64, 64)),
+    "s2o_lse": ("s2o", dict(rank="lse", backend="torch"), "tau", (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003), (64, 64)),
+    "s2o_sample": ("s2o", dict(rank="sample", rank_rows=16, backend="torch"), "tau", (0.1, 0.03, 0.01, 0.003, 0.001, 0.0003), (64, 64)),
 }
 LINKED = {"vertical_slash": lambda x: dict(slash_size=6 * x)}  # MInference's ~1:6 vertical:slash ratio
 
@@ -63,121 +82,181 @@ LINKED = {"vertical_slash": lambda x: dict(slash_size=6 * x)}  # MInference's ~1
 def load_layers(model: str, text: str, length: int, layers):
     """``{layer: (q, k, v)}`` fp32 CPU from the cached captures (:func:`blocksieve.eval.captures.load_capture`)."""
     from blocksieve.eval.captures import load_capture
+    from blocksieve.eval.models import cache_dir
 
+    default = cache_dir() / "captures" / f"{model}-{text}-L{length}-o0-default.pt"
+    if default.is_file():  # a cached default capture that holds the layers: no model run
+        stored = torch.load(default)
+        if all(li in stored for li in layers):
+            return {li: tuple(t.float() for t in stored[li]) for li in layers}
     return load_capture(model=model, text=text, length=length, layers=layers)
 
 
-def dense_probs(q, k):
-    """Dense causal probabilities ``[B, Hq, Lq, Lkv]`` fp32 (evaluation sizes only)."""
+BASE = 64
+"""Granularity of the per-row dense aggregates; every layout's ``block_k`` must be a multiple."""
+ALIGN = 512
+"""Keys per row chunk are cut at the chunk's last visible key, rounded up to this (largest block_k)."""
+
+
+class Spec:
+    """One selection to judge on real attention, with its accumulators.
+
+    ``layout``: a causal BlockLayout (``H = Hq`` or ``Hkv``), or for PBS ``(perm, permuted layout,
+    own-segment layout)`` from :meth:`PBS.plan` (the exact selection of ``m(q, k, v)`` in
+    permuted key space; no ``block_k = 1`` expansion).
+    """
+
+    def __init__(self, name, point, layout, select_s, heads, lq):
+        self.name, self.point, self.layout, self.select_s = name, point, layout, select_s
+        self.recall = torch.zeros(len(heads), lq)
+        self.err2 = self.ref2 = self.kept = self.visible = 0.0
+
+    def result(self):
+        q = torch.quantile(self.recall, 0.05, dim=-1)
+        return dict(self.point, density=self.kept / self.visible, recall_mean=float(self.recall.mean()),
+                    recall_p5=float(q.mean()), rel_l2=math.sqrt(self.err2 / self.ref2), select_s=self.select_s)
+
+
+class RowChunk:
+    """Dense quantities of one head over query rows ``[r0, r1)``, aggregated per key block.
+
+    ``p [C, Lk]`` are the exact causal probabilities of the rows (keys cut at ``Lk``, the chunk's
+    last visible key rounded up to ``ALIGN``); for a key-block size ``bk`` it offers per row the
+    block mass, the probability-weighted values ``Σ_j p_j v_j`` and the visible-key count. The exact
+    attention restricted to a selection is ``Σ_sel pv / Σ_sel mass``; its recall is ``Σ_sel mass``.
+    """
+
+    def __init__(self, q_rows, k, v, pos, scale):
+        self.pos = pos
+        lk = min(k.shape[0], ((int(pos[-1]) + 1 + ALIGN - 1) // ALIGN) * ALIGN)
+        self.lk, self.k, self.v = lk, k[:lk], v[:lk]
+        s = (q_rows @ self.k.T) * scale
+        s = s.masked_fill(torch.arange(lk)[None, :] > pos[:, None], float("-inf"))
+        self.p = torch.softmax(s, -1)  # [C, Lk]
+        self.dense = self.p @ self.v  # [C, D]
+        self._agg = {}
+
+    def _aggregate(self, p, v, vis, bk):
+        c, lk = p.shape
+        nk = math.ceil(lk / bk)
+        pad = nk * bk - lk
+        pb = torch.nn.functional.pad(p, (0, pad)).reshape(c, nk, bk)
+        vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).reshape(nk, bk, -1)
+        pv = torch.bmm(pb.transpose(0, 1), vb).transpose(0, 1)  # [C, NK, D]
+        cnt = torch.nn.functional.pad(vis, (0, pad)).reshape(c, nk, bk).sum(-1)
+        return pb.sum(-1), pv, cnt
+
+    def blocks(self, bk, perm=None):
+        """``(mass [C, NK], pv [C, NK, D], visible count [C, NK])`` at block ``bk`` (keys permuted by ``perm``)."""
+        key = (bk, None if perm is None else id(perm))
+        if key not in self._agg:
+            if bk > BASE:
+                m, pv, cnt = self.blocks(BASE, perm)
+                r = bk // BASE
+                nk = math.ceil(m.shape[1] / r)
+                f = lambda x: torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, nk * r - m.shape[1])).reshape(x.shape[0], nk, r, *x.shape[2:]).sum(2)
+                self._agg[key] = (f(m), f(pv), f(cnt))
+            elif perm is None:
+                vis = (torch.arange(self.lk)[None, :] <= self.pos[:, None]).float()
+                self._agg[key] = self._aggregate(self.p, self.v, vis, bk)
+            else:
+                pm = perm[: self.lk]  # permutations stay inside segments: the cut is closed under them
+                vis = (pm[None, :] <= self.pos[:, None]).float()
+                self._agg[key] = self._aggregate(self.p[:, pm], self.v[pm], vis, bk)
+        return self._agg[key]
+
+    def gather(self, layout, hh, rows, bk_perm=None):
+        """``(mass, numerator [C, D], kept pairs)`` of ``layout``'s head ``hh`` over these rows."""
+        mass, pv, cnt = self.blocks(layout.block_k, bk_perm)
+        nk = mass.shape[1]
+        qb = rows // layout.block_q
+        ids = layout.indices[0, hh].long()[qb]  # [C, K]
+        ids = torch.where((ids >= 0) & (ids < nk), ids, nk)
+        sel = torch.zeros(ids.shape[0], nk + 1).scatter_(1, ids, 1.0)[:, :nk]
+        num = torch.bmm(sel[:, None, :], pv).squeeze(1)
+        return (mass * sel).sum(-1), num, float((cnt * sel).sum())
+
+
+def evaluate_head(q, k, v, h, hi, specs, chunk):
+    """Accumulate every spec's recall, output error and kept pairs for query head ``h`` (row index ``hi``)."""
     lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
-    s = grouped_dot(q, k, d**-0.5)
-    s = s.masked_fill(torch.arange(lkv)[None, :] > query_positions(lq, lkv)[:, None], float("-inf"))
-    return torch.softmax(s, -1)
-
-
-class LayerEval:
-    """Dense quantities of one layer, reused by every layout.
-
-    For a key-block size ``bk`` it keeps, per query row, the dense mass of each key block
-    ``mass[bk] [B, Hq, Lq, NK]`` and the probability-weighted values ``pv[bk] [B, Hq, Lq, NK, D]``.
-    The exact attention restricted to a block layout is then ``Σ_sel pv / Σ_sel mass`` (the
-    renormalised dense probabilities), and its recall is ``Σ_sel mass`` — no attention rerun.
-    Layouts at other granularities (PBS's ``block_k=1``) go through ``blocksieve.attend``.
-    """
-
-    def __init__(self, q, k, v):
-        self.q, self.k, self.v = q, k, v
-        self.probs = dense_probs(q, k)
-        g = q.shape[1] // k.shape[1]
-        self.dense_out = torch.matmul(self.probs, v.repeat_interleave(g, 1))
-        self.mass, self.pv = {}, {}
-
-    def _block(self, bk):
-        if bk not in self.mass:
-            b, hq, lq, lkv = self.probs.shape
-            nk = math.ceil(lkv / bk)
-            p = torch.nn.functional.pad(self.probs, (0, nk * bk - lkv)).reshape(b, hq, lq, nk, bk)
-            g = hq // self.k.shape[1]
-            vb = torch.nn.functional.pad(self.v, (0, 0, 0, nk * bk - lkv)).repeat_interleave(g, 1).reshape(b, hq, 1, nk, bk, -1)
-            self.mass[bk] = p.sum(-1)
-            pv = torch.empty(b, hq, lq, nk, self.v.shape[-1])
-            for r0 in range(0, lq, 512):
-                pv[:, :, r0 : r0 + 512] = torch.matmul(p[:, :, r0 : r0 + 512, :, None, :], vb).squeeze(-2)
-            self.pv[bk] = pv
-        return self.mass[bk], self.pv[bk]
-
-    def evaluate(self, layout):
-        """``(recall [B, Hq, Lq], relative L2 error of the output)``."""
-        q, k, v = self.q, self.k, self.v
-        lq = q.shape[2]
-        if layout.indices.shape[1] != q.shape[1]:
-            layout = type(layout)(layout.indices.repeat_interleave(q.shape[1] // layout.indices.shape[1], 1),
-                                  layout.counts.repeat_interleave(q.shape[1] // layout.indices.shape[1], 1),
-                                  layout.block_q, layout.block_k, layout.q_len, layout.kv_len, layout.causal)
-        if layout.block_k == 1 or layout.kv_len != self.probs.shape[-1]:
-            out = blocksieve.attend(q, k, v, layout, backend="torch")
-            rec = recall_rows(self.probs, layout)
-        else:
-            mass, pv = self._block(layout.block_k)
-            idx = layout.indices.long()[:, :, torch.arange(lq) // layout.block_q]  # [B, Hq, Lq, K]
-            ok = idx >= 0
-            idx = idx.clamp(min=0)
-            rec = (mass.gather(-1, idx) * ok).sum(-1)
-            num = torch.empty_like(self.dense_out)
-            for r0 in range(0, lq, 512):
-                sl = slice(r0, r0 + 512)
-                gi = idx[:, :, sl, :, None].expand(-1, -1, -1, -1, pv.shape[-1])
-                num[:, :, sl] = (pv[:, :, sl].gather(3, gi) * ok[:, :, sl, :, None]).sum(3)
-            out = num / rec.clamp_min(1e-30)[..., None]
-        rel, _ = output_error(out, self.dense_out)
-        return rec, rel
-
-
-def recall_rows(probs, layout):
-    """Per-row recall ``[B, Hq, Lq]`` from cached dense probabilities (chunked masks)."""
-    b, hq, lq, lkv = probs.shape
-    r = hq // layout.indices.shape[1]
-    out = torch.empty(b, hq, lq)
-    chunk = max(1, CHUNK_ELEMENTS // (b * hq * lkv))
+    g = q.shape[1] // k.shape[1]
+    kh = h // g
+    pos_all = query_positions(lq, lkv)
     for r0 in range(0, lq, chunk):
-        r1 = min(lq, r0 + chunk)
-        out[:, :, r0:r1] = (probs[:, :, r0:r1] * row_mask(layout, r0, r1).repeat_interleave(r, 1)).sum(-1)
-    return out
+        rows = torch.arange(r0, min(lq, r0 + chunk))
+        rc = RowChunk(q[0, h, rows], k[0, kh], v[0, kh], pos_all[rows], d**-0.5)
+        ref2 = float(rc.dense.double().pow(2).sum())
+        visible = float((pos_all[rows] + 1).sum())
+        hix = lambda lay: {q.shape[1]: h, 1: 0}.get(lay.indices.shape[1], kh)  # per q head, one head, per KV head
+        for sp in specs:
+            lay = sp.layout
+            if isinstance(lay, tuple):  # PBS: permuted earlier segments + own segment in place
+                perm, permuted, diag = lay
+                rec1, num1, kept1 = rc.gather(permuted, hix(permuted), rows, perm[0, kh])
+                rec2, num2, kept2 = rc.gather(diag, hix(diag), rows)
+                rec, num, kept = rec1 + rec2, num1 + num2, kept1 + kept2
+            else:
+                rec, num, kept = rc.gather(lay, hix(lay), rows)
+            out = num / rec.clamp_min(1e-30)[:, None]
+            sp.recall[hi, rows] = rec
+            sp.err2 += float((out - rc.dense).double().pow(2).sum())
+            sp.ref2 += ref2
+            sp.kept += kept
+            sp.visible += visible
 
 
-def summarise(rec, rel, density, sel_s):
-    per_head = rec.flatten(0, 1)  # [B*Hq, Lq]
-    return dict(
-        density=density,
-        recall_mean=float(per_head.mean()),
-        recall_p5=float(torch.quantile(per_head, 0.05, dim=-1).mean()),
-        rel_l2=rel,
-        select_s=sel_s,
-    )
+def head_block_mass(q, k, h, chunk, bq=64, bk=BASE):
+    """Dense mass per (query block, key block) of one head, ``[1, 1, NQ, NK]`` (oracle input)."""
+    lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
+    kh = h // (q.shape[1] // k.shape[1])
+    pos_all = query_positions(lq, lkv)
+    nk = math.ceil(lkv / bk)
+    out = torch.zeros(math.ceil(lq / bq), nk)
+    for r0 in range(0, lq, chunk):
+        rows = torch.arange(r0, min(lq, r0 + chunk))
+        pos = pos_all[rows]
+        s = (q[0, h, rows] @ k[0, kh].T) * d**-0.5
+        p = torch.softmax(s.masked_fill(torch.arange(lkv)[None, :] > pos[:, None], float("-inf")), -1)
+        p = torch.nn.functional.pad(p, (0, nk * bk - lkv)).reshape(len(rows), nk, bk).sum(-1)
+        out.index_add_(0, rows // bq, p)
+    return out[None, None]
 
 
-def eval_layout(layout, ev: LayerEval, sel_s):
-    """Recall and output error of the exact attention over ``layout``.
+def coarsen(mass, bq, bk, base_q=64, base_k=BASE):
+    """Sum a ``[1, 1, NQ, NK]`` block mass at (base_q, base_k) into (bq, bk) cells."""
+    rq, rk = bq // base_q, bk // base_k
+    _, _, nq, nk = mass.shape
+    m = torch.nn.functional.pad(mass, (0, -nk % rk, 0, -nq % rq))
+    return m.reshape(1, 1, m.shape[2] // rq, rq, m.shape[3] // rk, rk).sum((3, 5))
 
-    For ``pbs`` and ``s2o`` this output equals the method's own ``m(q, k, v)`` (permuted two-pass
-    path, early-stopping pass); tests/methods/test_pbs.py and test_s2o.py check it.
+
+def select_specs(q, k, names, sweeps, heads, lq, t_start, li):
+    """Run every method's sweep on the whole layer (selection sees all heads, as deployed)."""
+    specs = []
+    for n in names:
+        meth, fixed, knob, values, _ = sweeps[n]
+        for x in values:
+            cfg = dict(fixed, **{knob: x}, **LINKED.get(n, lambda _: {})(x))
+            m = blocksieve.method(meth, **cfg)
+            t0 = time.perf_counter()
+            lay = m.plan(q, k) if meth == "pbs" else m.select(q, k)
+            specs.append(Spec(n, {knob: x}, lay, time.perf_counter() - t0, heads, lq))
+        print(f"[{time.time() - t_start:6.0f}s] layer {li} {n}: selected", flush=True)
+    return specs
+
+
+def eval_quest(q, k, fracs, rows, page=16, budgets=()):
+    """Quest decode vs exact page top-k: per budget, mean recall over the last ``rows`` steps.
+
+    Each of the last ``rows`` positions is one decode step against its prefix; its dense
+    probabilities are computed directly (one row per step).
     """
-    rec, rel = ev.evaluate(layout)
-    return summarise(rec, rel, layout.density(), sel_s)
-
-
-def eval_method(m, ev: LayerEval):
-    t0 = time.perf_counter()
-    layout = m.select(ev.q, ev.k)
-    return eval_layout(layout, ev, time.perf_counter() - t0)
-
-
-def eval_quest(q, k, probs, fracs, rows, page=16):
-    """Quest decode vs exact page top-k: per budget, mean recall over the last ``rows`` steps."""
     b, hq, lq, d = q.shape
+    g = hq // k.shape[1]
     res = []
-    for frac in fracs:
-        budget = max(page, int(round(frac * lq / page)) * page)
+    all_budgets = [max(page, int(round(f * lq / page)) * page) for f in fracs] + list(budgets)
+    for budget in all_budgets:
         m = blocksieve.method("quest", page=page, token_budget=budget)
         recs, exact, dens, sel = [], [], [], 0.0
         state = None
@@ -185,7 +264,8 @@ def eval_quest(q, k, probs, fracs, rows, page=16):
             t0 = time.perf_counter()
             lay, state = m.select_step(q[:, :, t : t + 1], k[:, :, : t + 1], state)
             sel += time.perf_counter() - t0
-            p = probs[:, :, t, : t + 1]  # [B, Hq, t+1]
+            s = torch.matmul(q[:, :, t : t + 1], k[:, :, : t + 1].repeat_interleave(g, 1).transpose(-1, -2))[:, :, 0]
+            p = torch.softmax(s * d**-0.5, -1)  # [B, Hq, t+1]
             npg = math.ceil((t + 1) / page)
             pm = torch.nn.functional.pad(p, (0, npg * page - t - 1)).reshape(b, hq, npg, page).sum(-1)
             chosen = lay.to_block_mask()[:, :, 0]  # [B, Hq, NP]
@@ -226,19 +306,29 @@ def main():
     ap.add_argument("--text", default="kjv")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--layers", default="5,15,25")
-    ap.add_argument("--methods", default=",".join(SWEEPS))
+    ap.add_argument("--heads", default="all", help="query heads to judge, e.g. 0,3,7 (selection always sees all)")
+    ap.add_argument("--methods", default=None, help="default: every method of the sweep table for this length")
     ap.add_argument("--decode-rows", type=int, default=32)
+    ap.add_argument("--quest-budgets", default="", help="extra Quest token budgets, e.g. 2048")
+    ap.add_argument("--chunk", type=int, default=1024, help="query rows per dense chunk")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--suffix", default="", help="appended to the output file names")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON already written")
+    ap.add_argument("--merge", default="", help="with --replot: also draw the sweeps of these suffixes' JSONs (they replace same-named ones)")
     args = ap.parse_args()
     tag = f"{args.model}_{args.text}_{args.length}{args.suffix}"
     if args.replot:
-        plot(json.loads((ROOT / "benchmarks/results" / f"fidelity_blocks_{tag}.json").read_text()), ROOT / "docs/img" / f"pareto_blocks_{tag}.png")
+        res = json.loads((ROOT / "benchmarks/results" / f"fidelity_blocks_{tag}.json").read_text())
+        for suffix in filter(None, args.merge.split(",")):
+            other = json.loads((ROOT / "benchmarks/results" / f"fidelity_blocks_{args.model}_{args.text}_{args.length}{suffix}.json").read_text())
+            res["sweeps"].update(other["sweeps"])
+        plot(res, ROOT / "docs/img" / f"pareto_blocks_{tag}.png")
         return
     torch.set_num_threads(args.threads)
+    sweeps = SWEEPS if args.length <= 8192 else SWEEPS_LONG
     layers = [int(x) for x in args.layers.split(",")]
-    names = [n for n in args.methods.split(",") if n]
+    names = [n for n in (args.methods or ",".join(sweeps)).split(",") if n]
+    budgets = [int(x) for x in args.quest_budgets.split(",") if x]
     data = load_layers(args.model, args.text, args.length, layers)
     raw = {n: [] for n in names}
     oracle_raw: dict = {}
@@ -246,46 +336,47 @@ def main():
     t_start = time.time()
     for li in layers:
         q, k, v = (t.float() for t in data[li])
-        ev = LayerEval(q, k, v)
-        probs = ev.probs
+        lq, lkv = q.shape[2], k.shape[2]
+        heads = list(range(q.shape[1])) if args.heads == "all" else [int(x) for x in args.heads.split(",")]
+        specs = select_specs(q, k, names, sweeps, heads, lq, t_start, li)
+        oracle_keys = sorted({sweeps[n][4] for n in names})
+        oracle_specs = {key: [Spec("oracle", {"target": dd}, None, 0.0, heads, lq) for dd in ORACLE_DENSITIES] for key in oracle_keys}
+        for hi, h in enumerate(heads):
+            mass = head_block_mass(q, k, h, args.chunk)
+            for (bq, bk), sps in oracle_specs.items():
+                m = coarsen(mass, bq, bk)
+                for sp in sps:
+                    sp.layout = select_from_mass(m, sp.point["target"], bq, bk, lq, lkv, "head")
+            evaluate_head(q, k, v, h, hi, specs + [sp for sps in oracle_specs.values() for sp in sps], args.chunk)
+            print(f"[{time.time() - t_start:6.0f}s] layer {li} head {h} evaluated", flush=True)
         for n in names:
-            meth, fixed, knob, values, _ = SWEEPS[n]
-            pts = []
-            for x in values:
-                cfg = dict(fixed, **{knob: x}, **LINKED.get(n, lambda _: {})(x))
-                pts.append(dict(eval_method(blocksieve.method(meth, **cfg), ev), **{knob: x}))
-            raw[n].append(pts)
-            print(f"[{time.time() - t_start:6.0f}s] layer {li} {n}: " + " ".join(f"{p['density']:.3f}/{p['recall_mean']:.3f}" for p in raw[n][-1]), flush=True)
-        for bq, bk in sorted({SWEEPS[n][4] for n in names}):
-            rows_mass = ev._block(bk)[0]  # [B, Hq, Lq, NK]
-            mass = torch.zeros(*rows_mass.shape[:2], math.ceil(q.shape[2] / bq), rows_mass.shape[-1])
-            mass.index_add_(2, torch.arange(q.shape[2]) // bq, rows_mass)
-            pts = []
-            for dd in ORACLE_DENSITIES:
-                lay = select_from_mass(mass, dd, bq, bk, q.shape[2], k.shape[2], "head")
-                pts.append(eval_layout(lay, ev, 0.0))
-            oracle_raw.setdefault(f"{bq}x{bk}", []).append(pts)
-        quest_raw.append(eval_quest(q, k, probs, (0.05, 0.1, 0.2, 0.3), args.decode_rows))
+            raw[n].append([sp.result() for sp in specs if sp.name == n])
+            print(f"[{time.time() - t_start:6.0f}s] layer {li} {n}: " + " ".join(f"{p['density']:.3f}/{p['recall_mean']:.3f}/{p['rel_l2']:.3f}" for p in raw[n][-1]), flush=True)
+        for (bq, bk), sps in oracle_specs.items():
+            oracle_raw.setdefault(f"{bq}x{bk}", []).append([sp.result() for sp in sps])
+        if args.decode_rows > 0:
+            quest_raw.append(eval_quest(q, k, (0.05, 0.1, 0.2, 0.3), args.decode_rows, budgets=budgets))
         print(f"[{time.time() - t_start:6.0f}s] layer {li} oracle + quest done", flush=True)
-        del probs, ev
     results = {n: mean_points(raw[n]) for n in names}
     oracles = {key: mean_points(v) for key, v in oracle_raw.items()}
-    quest = mean_points(quest_raw)
+    quest = mean_points(quest_raw) if quest_raw else []
     table = {}
     for n in names:
-        okey = "{}x{}".format(*SWEEPS[n][4])
+        okey = "{}x{}".format(*sweeps[n][4])
         table[n] = {}
         for tgt in TARGETS:
             row = {key: interp(results[n], key, tgt) for key in ("recall_mean", "recall_p5", "rel_l2", "select_s")}
             row["oracle_recall_mean"] = interp(oracles[okey], "recall_mean", tgt)
+            row["oracle_rel_l2"] = interp(oracles[okey], "rel_l2", tgt)
             if row["recall_mean"] is not None and row["oracle_recall_mean"]:
                 row["fraction_of_oracle"] = row["recall_mean"] / row["oracle_recall_mean"]
             table[n][f"{tgt:.2f}"] = row
     table["quest"] = {f"{p['density']:.3f}": p for p in quest}
     out = dict(
-        model=args.model, text=args.text, length=args.length, layers=layers,
+        model=args.model, text=args.text, length=args.length, layers=layers, heads=args.heads,
         command="python " + " ".join(sys.argv), torch=torch.__version__, python=platform.python_version(),
-        device="cpu", sweeps={n: results[n] for n in names}, oracle=oracles, quest=quest, at_density=table,
+        device="cpu", configs={n: dict(method=sweeps[n][0], fixed={a: str(b) for a, b in sweeps[n][1].items()}, knob=sweeps[n][2], oracle="{}x{}".format(*sweeps[n][4])) for n in names},
+        sweeps={n: results[n] for n in names}, oracle=oracles, quest=quest, at_density=table,
         wall_s=time.time() - t_start,
     )
     res_path = ROOT / "benchmarks/results" / f"fidelity_blocks_{tag}.json"
@@ -303,16 +394,17 @@ def plot(res, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for n, pts in res["sweeps"].items():
         pts = sorted(pts, key=lambda p: p["density"])
         ax.plot([p["density"] for p in pts], [p["recall_mean"] for p in pts], "o-", label=n, ms=3)
-    for (key, pts), style in zip(res["oracle"].items(), ("--", "-.", ":")):
-        ax.plot([p["density"] for p in pts], [p["recall_mean"] for p in pts], style, color="grey", lw=1, label=f"oracle {key}")
+    for (key, pts), style in zip(res["oracle"].items(), ("--", "-.", ":", (0, (3, 1, 1, 1, 1, 1)))):
+        ax.plot([p["density"] for p in pts], [p["recall_mean"] for p in pts], linestyle=style, color="grey", lw=1, label=f"oracle {key}")
     q = sorted(res["quest"], key=lambda p: p["density"])
     ax.plot([p["density"] for p in q], [p["recall_mean"] for p in q], "s-", label="quest (decode)", ms=3)
     ax.plot([p["density"] for p in q], [p["exact_recall_mean"] for p in q], ":", color="k", label="exact page top-k (decode)")
     ax.set_xscale("log")
-    ax.set_xlim(0.015, 1.0)
+    ax.set_xlim(0.004 if res["length"] > 8192 else 0.015, 1.0)
     ax.set_xlabel("density (kept / visible query-key pairs)")
     ax.set_ylabel("recall of dense attention mass (mean)")
     ax.set_title(f"{res['model']} · {res['text']} · L={res['length']} · layers {res['layers']}")

@@ -100,3 +100,26 @@ def page_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
     qf = q.float()
     # max(q·hi, q·lo) per channel is q·hi where q >= 0 and q·lo elsewhere (lo <= hi): two matmuls.
     return grouped_dot(qf.clamp_min(0), kmax) + grouped_dot(qf.clamp_max(0), kmin)
+
+
+LSE_CHUNK_ELEMENTS = 1 << 26
+"""Scores per chunk of pooled queries in :func:`block_logsumexp` (256 MiB of fp32)."""
+
+
+def block_logsumexp(qp: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """``log Σ_{j ∈ block} exp(scale · qp · k_j)`` per key block: ``[B, Hq, M, D]`` × ``[B, Hkv, L, D]`` → ``[B, Hq, M, NK]``.
+
+    The log of the (unnormalised) attention mass a pooled query gives each key block, so one large
+    key (an attention sink) is not averaged away as in ``qp · mean(k_blk)``. Chunked over ``M``;
+    memory is one chunk of ``M · L`` scores. A last, partial block counts only its real keys.
+    """
+    b, hq, m, _ = qp.shape
+    lkv = k.shape[2]
+    nk = math.ceil(lkv / block)
+    out = torch.empty(b, hq, m, nk, device=qp.device)
+    step = max(1, LSE_CHUNK_ELEMENTS // max(1, b * hq * nk * block))
+    for m0 in range(0, m, step):
+        s = grouped_dot(qp[:, :, m0 : m0 + step], k, scale)
+        s = torch.nn.functional.pad(s, (0, nk * block - lkv), value=float("-inf"))
+        out[:, :, m0 : m0 + step] = s.reshape(*s.shape[:3], nk, block).logsumexp(-1)
+    return out

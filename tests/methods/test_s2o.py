@@ -38,11 +38,11 @@ def brute_n_read(q, k, order, forced, tau, bq, bk):
     return out
 
 
-@pytest.mark.parametrize("lq,lkv", [(150, 150), (90, 140)], ids=["L150", "Lq90-Lkv140"])
-def test_s2o_stop_rule_matches_brute_force(lq, lkv):
+@pytest.mark.parametrize("lq,lkv,rank", [(150, 150, "mean"), (90, 140, "mean"), (150, 150, "lse")], ids=["L150", "Lq90-Lkv140", "L150-lse"])
+def test_s2o_stop_rule_matches_brute_force(lq, lkv, rank):
     q, k, v = qkv(1, 4, 2, lq, lkv, 16)
     k[:, :, :8] *= 4
-    m = blocksieve.method("s2o", segment=32, block_q=16, block_k=16, tau=0.05, backend="torch")
+    m = blocksieve.method("s2o", segment=32, block_q=16, block_k=16, tau=0.05, rank=rank, backend="torch")
     order, forced = m.plan(q, k)
     from blocksieve.ops.early_stop import early_stop_torch  # imports Triton: not at collection (see tests/ops)
 
@@ -60,6 +60,32 @@ def test_s2o_order_puts_own_segment_first_then_ranked_past_blocks():
         assert row[: len(own)] == own and forced[0, 0, n] == len(own)
         past = [x for x in row[len(own) :] if x >= 0]
         assert sorted(past + own[-1:] * (n >= 2)) == list(range(n * 16 // 32 * 2))
+
+
+@pytest.mark.parametrize("rank", ["mean", "lse", "sample"])
+def test_s2o_ranking_matches_brute_force(rank):
+    """Past blocks follow the segment's score, highest first: mean(q_seg)·mean(k_blk) or logsumexp of mean(q_seg)·k_j."""
+    q, k, _ = qkv(1, 2, 1, 96, 96, 8)
+    m = blocksieve.method("s2o", segment=32, block_q=16, block_k=16, sink_blocks=0, rank=rank, rank_rows=4)
+    order, forced = m.plan(q, k)
+    for h in range(2):
+        for n in range(6):
+            seg = n * 16 // 32
+            qs = q[0, h, seg * 32 : seg * 32 + 32].mean(0)
+            blocks = [k[0, 0, j * 16 : j * 16 + 16] for j in range(seg * 2)]
+            if rank == "mean":
+                score = [float(qs @ b.mean(0)) for b in blocks]
+            elif rank == "sample":  # rows 7, 15, 23, 31 of the segment, softmax over their causal prefix
+                score = [0.0] * len(blocks)
+                for r in range(seg * 32 + 7, seg * 32 + 32, 8):
+                    p = torch.softmax(k[0, 0, : r + 1] @ q[0, h, r] / 8**0.5, 0)
+                    for j in range(len(blocks)):
+                        score[j] += float(p[j * 16 : j * 16 + 16].sum())
+            else:
+                score = [float(torch.logsumexp(b @ qs / 8**0.5, 0)) for b in blocks]
+            want = sorted(range(len(blocks)), key=lambda j: -score[j])
+            row = [x for x in order[0, h, n, forced[0, h, n] :].tolist() if x >= 0]
+            assert row == want
 
 
 def test_s2o_call_equals_attend_over_selected_blocks():
@@ -83,3 +109,7 @@ def test_s2o_rejects_bad_config():
         blocksieve.method("s2o", sink_blocks=-1)
     with pytest.raises(ValueError, match="backend"):
         blocksieve.method("s2o", backend="cuda")
+    with pytest.raises(ValueError, match="rank"):
+        blocksieve.method("s2o", rank="max")
+    with pytest.raises(ValueError, match="rank_rows"):
+        blocksieve.method("s2o", rank="sample", rank_rows=3)

@@ -18,7 +18,7 @@ from blocksieve.select.force import own_segment_blocks
 from blocksieve.select.gqa import group_scores
 from blocksieve.select.pool import antidiagonal_pool, causal_key_conv, max_pool, mean_pool, minmax_pool, sample_pool
 from blocksieve.select.reorder import apply_permutation, invert_permutation, segment_sort
-from blocksieve.select.score import grouped_dot, last_rows_probs, masked_softmax, page_upper_bound, slash_sums
+from blocksieve.select.score import block_logsumexp, grouped_dot, last_rows_probs, masked_softmax, page_upper_bound, slash_sums
 
 
 @pytest.mark.parametrize("length,block", [(100, 16), (64, 16), (7, 4)], ids=["L100-b16", "L64-b16", "L7-b4"])
@@ -69,6 +69,20 @@ def test_scores_match_loops():
             assert bool(((q[0, h] @ keys.T).amax(-1) <= ub[0, h, :, p] + 1e-5).all())
     row = torch.tensor([[float("-inf"), float("-inf")]])
     assert torch.equal(masked_softmax(row), torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("length,block", [(37, 8), (32, 16)], ids=["L37-b8", "L32-b16"])
+def test_block_logsumexp_matches_loop(length, block, monkeypatch):
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, length, 8) * 2
+    monkeypatch.setattr("blocksieve.select.score.LSE_CHUNK_ELEMENTS", 2 * 4 * length)  # several chunks of queries
+    out = block_logsumexp(q, k, block, 0.3)
+    assert out.shape == (1, 4, 5, math.ceil(length / block))
+    for h in range(4):
+        for m in range(5):
+            for j in range(out.shape[-1]):
+                keys = k[0, h // 2, j * block : (j + 1) * block]
+                want = torch.logsumexp(0.3 * keys @ q[0, h, m], 0)
+                assert torch.allclose(out[0, h, m, j], want, atol=1e-5)
 
 
 def test_last_rows_and_slash_sums():
