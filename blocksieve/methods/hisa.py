@@ -32,6 +32,17 @@ class HisaConfig:
     act: str = "linear"
     backend: str = "auto"
 
+    @classmethod
+    def for_prompt(cls, length: int, topk: int, block: int = 16, **kw) -> "HisaConfig":
+        """The paper's sizes scaled to a short prompt: ``m·block = clamp(4·topk, 5·length/8, 3·length/4)``.
+
+        The paper keeps 4·topk candidates (8192 for top-2048, 6 % of 128K). On 4K-16K prompts with
+        the training-free scorer the DSA top-k is spread over the whole prefix, and IoU >= 0.99
+        with DSA needs 5/8 of it (``docs/dev/tokens_notes.md``); blocks of 16 track it best.
+        """
+        cand = min(3 * length // 4, max(5 * length // 8, 4 * topk))
+        return cls(topk=topk, block=block, m=max(2, cand // block), **kw)
+
 
 @register
 class Hisa(IndexerMethod):

@@ -2,13 +2,16 @@
 
 One program handles one query row (of one index set) at a time, looping over rows in a
 persistent grid. For each tile of ``BLOCK_N`` keys it computes the indexer logits of all ``H_I``
-heads with one MMA (heads are the M dimension, padded to 16), applies the activation and the head
-weights, and packs each score with its key id into one order-preserving int64
-(``score bits << 32 | key``). Keys above the row's running threshold ``tau`` are appended to a
-per-program scratch buffer of ``CAP`` slots; when it fills, the buffer is bitonic-sorted
-(``tl.sort``), the best ``topk`` stay and ``tau`` becomes the ``topk``-th value. Once the keys
-fall into the running top-k rarely (the steady state), a tile costs one MMA and one compare.
-The final sort also orders the kept ids ascending, so the result is a TokenLayout row as is.
+heads with one MMA (keys are the M dimension, heads the N dimension padded to 16, so the weighted
+sum over heads reduces within a warp), applies the activation and the head weights, and packs
+each score with its key id into one order-preserving int64 (``score bits << 32 | key``, unique
+per row). Keys above the row's running threshold ``tau`` are
+appended to a per-program scratch buffer of ``CAP`` slots; when it fills, ``tau`` becomes the
+``topk``-th largest packed value (found by bisection on the value: about 15 counting passes, no
+sort) and the buffer is compacted to the ``topk`` entries ``>= tau``. Once the keys fall into the
+running top-k rarely (the steady state), a tile costs one MMA and one compare. At the end of a row
+the kept ids are sorted ascending (one ``tl.sort`` of ``topk`` int32), so the result is a
+TokenLayout row as is; split rows (decode) return their packed lists unsorted.
 
 Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's chosen blocks), and
 ``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
@@ -33,12 +36,46 @@ EMPTY_SLOT = -9223372036854775807
 EMPTY = tl.constexpr(EMPTY_SLOT)
 
 
+@triton.jit
+def _kth_largest(b_v, K: tl.constexpr):
+    """The ``K``-th largest of the packed values ``b_v [CAP]`` (unique, more than ``K`` of them real).
+
+    Bisection keeps ``count(b_v >= lo) >= K > count(b_v >= hi)`` and stops once the count is ``K``.
+    """
+    m_real = b_v != EMPTY
+    lo = tl.min(tl.where(m_real, b_v, 9223372036854775807), 0)
+    hi = tl.max(b_v, 0) + 1
+    c_lo = tl.sum(m_real.to(tl.int32), 0)
+    while (c_lo != K) & (lo + 1 < hi):
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        c = tl.sum((b_v >= mid).to(tl.int32), 0)
+        up = c >= K
+        lo = tl.where(up, mid, lo)
+        c_lo = tl.where(up, c, c_lo)
+        hi = tl.where(up, hi, mid)
+    return lo
+
+
+@triton.jit
+def _keep_top(p_bufr, cnt, o_c, TOPK: tl.constexpr):
+    """Compact the ``cnt`` packed entries at ``p_bufr`` to their ``TOPK`` largest; returns their minimum."""
+    tl.debug_barrier()
+    b_buf = tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY)  # [CAP]
+    tau = _kth_largest(b_buf, TOPK)
+    m_keep = b_buf >= tau
+    i_pos = tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [CAP]
+    tl.debug_barrier()
+    tl.store(p_bufr + i_pos, b_buf, mask=m_keep & (i_pos < TOPK))
+    tl.debug_barrier()
+    return tau
+
+
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS"])
 def _indexer_topk_kernel(
     p_q, p_k, p_w, p_tiles, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
-    TOPK: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     HAS_TILES: tl.constexpr, PACKED: tl.constexpr,
 ):
@@ -83,10 +120,10 @@ def _indexer_topk_kernel(
                 o_key = it * BLOCK_N + o_n  # [BLOCK_N]
                 m_key = o_key < n_vis
             b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-            b_l = tl.dot(b_q, tl.trans(b_k))  # [HP, BLOCK_N]
+            b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]: keys as M, the head sum stays inside each warp
             if RELU:
                 b_l = tl.maximum(b_l, 0.0)
-            b_sc = tl.sum(b_l * b_w[:, None], 0)  # [BLOCK_N]
+            b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
             if FORCE_ENDS:
                 b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
             bits = b_sc.to(tl.int32, bitcast=True)
@@ -97,23 +134,22 @@ def _indexer_topk_kernel(
             tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
             cnt += tl.sum(i_sel, 0)
             if cnt > CAP - BLOCK_N:
-                tl.debug_barrier()
-                b_buf = tl.sort(tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY), descending=True)  # [CAP]
-                tl.debug_barrier()
-                tl.store(p_bufr + o_c, b_buf)
-                tl.debug_barrier()
-                tau = tl.max(tl.where(o_c == TOPK - 1, b_buf, EMPTY), 0)
+                tau = _keep_top(p_bufr, cnt, o_c, TOPK)
                 cnt = tl.full([], TOPK, dtype=tl.int32)
         tl.debug_barrier()
-        b_buf = tl.sort(tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY), descending=True)  # [CAP]
-        m_out = o_c < TOPK
-        p_o = p_out + i_w * TOPK + o_c
+        if cnt > TOPK:
+            _keep_top(p_bufr, cnt, o_c, TOPK)
+            cnt = tl.full([], TOPK, dtype=tl.int32)
+        o_k = tl.arange(0, KP)  # [KP]
+        m_k = o_k < cnt
+        b_top = tl.load(p_bufr + o_k, mask=m_k, other=EMPTY)  # [KP] unordered
+        p_o = p_out + i_w * TOPK + o_k
         if PACKED:  # split rows: packed (score, id) lists, merged on the host
-            tl.store(p_o, b_buf, mask=m_out)
+            tl.store(p_o, b_top, mask=o_k < TOPK)
         else:
-            b_id = tl.where(m_out & (b_buf != EMPTY), (b_buf & 0xFFFFFFFF).to(tl.int32), 2147483647)
+            b_id = tl.where(m_k, (b_top & 0xFFFFFFFF).to(tl.int32), 2147483647)
             b_id = tl.sort(b_id)  # ascending ids, invalid last
-            tl.store(p_o, tl.where(b_id == 2147483647, -1, b_id), mask=m_out)
+            tl.store(p_o, tl.where(b_id == 2147483647, -1, b_id), mask=o_k < TOPK)
         tl.debug_barrier()
 
 
@@ -180,7 +216,7 @@ def indexer_topk(
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
-        TOPK=topk, CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
         HAS_TILES=tiles is not None, PACKED=splits > 1, num_warps=4,
     )

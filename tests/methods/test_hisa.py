@@ -41,3 +41,12 @@ def test_config_errors():
         blocksieve.method("hisa", m=1)
     with pytest.raises(ValueError, match="pool"):
         blocksieve.method("hisa", pool="median")
+
+
+@pytest.mark.parametrize("length,topk,m", [(4096, 256, 160), (4096, 1024, 192), (8192, 1024, 320), (16384, 2048, 640)])
+def test_for_prompt_scales_the_candidate_share(length, topk, m):
+    from blocksieve.methods.hisa import HisaConfig
+
+    c = HisaConfig.for_prompt(length, topk)
+    assert (c.block, c.m, c.topk) == (16, m, topk)
+    blocksieve.method("hisa", **c.__dict__)  # a valid config

@@ -48,6 +48,23 @@ def test_flat_scan_matches_torch(relu, splits):
     assert_topk_equal(ix, got, want, r0)
 
 
+@pytest.mark.parametrize("topk,splits", [(8, 1), (11, 1), (11, 2)], ids=["k8", "k11", "k11-split2"])
+def test_long_rows_refill_the_buffer(topk, splits):
+    """Rows of 200-300 keys overflow the 64-slot buffer several times (threshold + compaction path)."""
+    ix = dsa_indexer(torch.randn(1, 300, 2, 16, device=DEVICE), torch.randn(1, 300, 16, device=DEVICE), torch.randn(1, 300, 2, device=DEVICE))
+    r0 = 296
+    got = indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, 300), block_n=16, splits=splits)
+    want = flat_ids(ix, topk, backend="torch")[:, :, r0:]
+    assert_topk_equal(ix, got, want, r0)
+
+
+def test_tied_scores_keep_topk_keys():
+    """All-zero keys: every score ties; exactly topk distinct keys must come back."""
+    ix = dsa_indexer(torch.randn(1, 150, 2, 16, device=DEVICE), torch.zeros(1, 150, 16, device=DEVICE), torch.randn(1, 150, 2, device=DEVICE))
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(148, 150), block_n=16)
+    assert (got >= 0).all() and all(len(set(r.tolist())) == 8 for r in got[0, 0])
+
+
 def test_fewer_visible_keys_than_topk_pads():
     ix = dsa_indexer(torch.randn(1, 20, 2, 16, device=DEVICE), torch.randn(1, 20, 16, device=DEVICE), torch.randn(1, 20, 2, device=DEVICE))
     got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(0, 3), block_n=16)
