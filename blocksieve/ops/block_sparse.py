@@ -239,13 +239,13 @@ def _tile_shape(q_len: int, block_q: int, d: int, heads_per_layout: int, m_targe
 def _tma_block_n(m: int, d: int, block_k: int, force: bool) -> int:
     """Key rows per TMA tile for a program of ``m`` query rows, or 0 for the gather path.
 
-    By default a tile is as wide as the gather path's (128 keys for 128-row programs, 64 otherwise),
-    so it needs ``block_k`` at least that wide; ``force`` takes narrower tiles down to 32 keys.
+    A tile is as wide as the gather path's (128 keys for 128-row programs, 64 otherwise) or one key
+    block when blocks are narrower, down to 64 keys: on an H200, 64-key TMA tiles beat gathering
+    two 64-key blocks per 128-key tile at every density, while 32-key TMA tiles lost to the gather
+    (``benchmarks/results/kernel_variants_small_blocks_h200.json``). ``force`` allows 32-key tiles.
     """
-    block_n = 64 if d == 256 or m < 128 else 128
-    if force:
-        block_n = min(block_n, block_k)
-    return block_n if block_k >= block_n >= 32 else 0
+    block_n = min(64 if d == 256 or m < 128 else 128, block_k)
+    return block_n if block_n >= (32 if force else 64) else 0
 
 
 def _row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
