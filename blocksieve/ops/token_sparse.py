@@ -205,4 +205,4 @@ def token_sparse_attention(
         raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}; use block_sparse_attention for BlockLayout")
     check_kernel_inputs(q, k, v, layout)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    return _token_sparse_fwd_op(q, k, v, layout.indices.contiguous(), layout.causal, resolve_scale(scale, q.shape[-1]))
+    return _token_sparse_fwd_op(q, k, v, last_dim_contiguous(layout.indices), layout.causal, resolve_scale(scale, q.shape[-1]))

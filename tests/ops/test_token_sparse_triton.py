@@ -65,3 +65,18 @@ def test_rejects_fp32():
     idx = torch.arange(64, dtype=torch.int32, device=DEVICE).expand(1, 1, 1, 64).contiguous()
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         token_sparse_attention(q, k, v, TokenLayout(idx, 1, 64))
+
+
+def test_expanded_group_layout_is_read_through_strides_without_a_copy(monkeypatch):
+    """A layout shared by all KV heads via ``expand`` (stride 0) runs as is: no per-head copy."""
+    q, k, v = qkv(1, 4, 2, 40, 200, 64, dtype=torch.float16, device=DEVICE)
+    one = random_token_layout(1, 1, 40, 200, 24, device=DEVICE)
+    shared = TokenLayout(one.indices.expand(1, 2, -1, -1), 40, 200, True)
+    assert shared.indices.stride(1) == 0
+    seen = []
+    real = token_sparse_module._token_sparse_fwd_op
+    monkeypatch.setattr(token_sparse_module, "_token_sparse_fwd_op", lambda q, k, v, idx, *a: seen.append(idx.stride(1)) or real(q, k, v, idx, *a))
+    with poisoned_outputs():
+        out, lse = token_sparse_attention(q, k, v, shared)
+    assert seen == [0]
+    assert_matches_reference(out, lse, q, k, v, TokenLayout(shared.indices.contiguous(), 40, 200, True))
