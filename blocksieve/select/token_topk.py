@@ -239,10 +239,14 @@ def misa_topk(
 
 
 def expand_heads(layout: TokenLayout, heads: int) -> TokenLayout:
-    """Repeat a layout with one index set (``H = 1``, DSA) to ``heads`` heads (e.g. ``Hkv``)."""
+    """Repeat a layout with one index set (``H = 1``, DSA) to ``heads`` heads (e.g. ``Hkv``).
+
+    The heads share storage (an ``expand`` view, stride 0): the kernels read indices through their
+    strides, so no per-head copy (8 GiB at 128K tokens × top-2048 × 8 heads) is made.
+    """
     if layout.indices.shape[1] == heads:
         return layout
     if layout.indices.shape[1] != 1:
         raise ValueError(f"expand_heads needs a layout with H=1 or H={heads}, got H={layout.indices.shape[1]}")
-    idx = layout.indices.expand(-1, heads, -1, -1).contiguous()
+    idx = layout.indices.expand(-1, heads, -1, -1)
     return TokenLayout(idx, layout.q_len, layout.kv_len, layout.causal)
