@@ -131,17 +131,21 @@ class Bench:
             json.dump(self.res, f, indent=1)
 
 
+def inputs_and_dense(n: int) -> tuple:
+    """``(q, k, v, cuDNN dense causal ms, its TFLOP/s)`` for ``n`` tokens (seeded by ``n``)."""
+    torch.manual_seed(n)
+    q = torch.randn(1, HQ, n, D, device=DEVICE, dtype=DTYPE)
+    k = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
+    v = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        t_dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    return q, k, v, t_dense, 4 * D * HQ * (n * (n + 1) / 2) / t_dense / 1e9
+
+
 def run_block_sparse(bench: Bench, ns, bks, densities):
     flex = torch.compile(flex_attention, dynamic=False)
     for n in ns:
-        torch.manual_seed(n)
-        q = torch.randn(1, HQ, n, D, device=DEVICE, dtype=DTYPE)
-        k = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
-        v = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-        dense_flops = 4 * D * HQ * (n * (n + 1) / 2)
-        dense_rate = dense_flops / t_dense / 1e9
+        q, k, v, t_dense, dense_rate = inputs_and_dense(n)
         bench.res["dense"].append({"N": n, "cudnn_ms": t_dense, "cudnn_tflops": dense_rate})
         print(f"N={n:6d} cuDNN dense causal {t_dense:8.3f} ms {dense_rate:6.1f} TFLOP/s", flush=True)
         for bk in bks:
@@ -210,13 +214,7 @@ VARIANTS = {  # kernel launch options compared by --variants (see _block_sparse_
 def run_variants(bench: Bench, ns, bks, densities, names):
     """Time every launch variant of the block-sparse kernel on the same layouts (each checked first)."""
     for n in ns:
-        torch.manual_seed(n)
-        q = torch.randn(1, HQ, n, D, device=DEVICE, dtype=DTYPE)
-        k = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
-        v = torch.randn(1, HKV, n, D, device=DEVICE, dtype=DTYPE)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_dense = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-        dense_rate = 4 * D * HQ * (n * (n + 1) / 2) / t_dense / 1e9
+        q, k, v, t_dense, dense_rate = inputs_and_dense(n)
         for bk in bks:
             for dens in densities:
                 lay = sparse_layout(n, bk, dens, seed=n + bk)
