@@ -77,8 +77,8 @@ def _attend_tiles(
             b_k = desc_k.load([row0 + key_0, 0])  # [BLOCK_N, D]
             b_v = desc_v.load([row0 + key_0, 0])  # [BLOCK_N, D]
             if MASKED:  # rows past kv_len belong to the next head (or are TMA's zero fill)
-                b_v = tl.where((o_key < kv_len)[:, None], b_v, 0.0)
                 m_key = o_key < kv_len  # [BLOCK_N]
+                b_v = tl.where(m_key[:, None], b_v, 0.0)
             s_0 += BLOCK_N
             blk = tl.load(p_idx + s_0 // BLOCK_K, mask=s_0 // BLOCK_K < cnt, other=0)  # next tile's id
         else:
@@ -198,12 +198,17 @@ def _configs(block_n: tuple) -> list:
     ]
 
 
+def _num_warps(m: int, d: int) -> int:
+    """Warps of a program with ``m`` query rows: 8 for 128-row tiles or D=256 (4 spill the accumulator)."""
+    return 8 if m >= 128 or d == 256 else 4
+
+
 def _prune(configs, named_args, **kwargs):
-    """8 warps for 128-row tiles or D=256 (4 spill the accumulator), else 4; ``BLOCK_N`` 128 for 128-row
+    """Warps from :func:`_num_warps`; ``BLOCK_N`` 128 for 128-row
     tiles (64 was 8% slower at full density on an H200), 32 only for D=256."""
     meta = {**named_args, **kwargs}  # the constexprs arrive as keyword arguments
     d, m = meta["D"], meta["HEADS"] * meta["ROWS"]
-    warps = 8 if m >= 128 or d == 256 else 4
+    warps = _num_warps(m, d)
     block_n = (32, 64) if d == 256 else (128,) if m >= 128 else (64, 128)
     # TMA configs carry no BLOCK_N: the launcher fixed it to the descriptors' block shape
     return [c for c in configs if c.num_warps == warps and c.kwargs.get("BLOCK_N", block_n[0]) in block_n]
@@ -327,8 +332,7 @@ def _block_sparse_fwd_impl(
         else:
             _block_sparse_fwd_tma_tuned[grid](*args, **meta, BLOCK_N=tma_n)
     elif interpreting() or block_n:
-        warps = 8 if rows * heads >= 128 or d == 256 else 4
-        _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=block_n or 64, num_warps=warps, num_stages=3)
+        _block_sparse_fwd_kernel[grid](*args, **meta, BLOCK_N=block_n or 64, num_warps=_num_warps(rows * heads, d), num_stages=3)
     else:
         _block_sparse_fwd_tuned[grid](*args, **meta)
     return out, lse
