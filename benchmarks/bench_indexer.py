@@ -162,6 +162,19 @@ def graph_replay(fn) -> dict:
         return {"graph_error": f"{type(e).__name__}: {e}"[:200]}
 
 
+def kernel_timeline(fn) -> list:
+    """The GPU kernels of one ``fn()`` call in launch order: ``[(name, ms)]`` (torch profiler, CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    return [(e.name[:80], round(e.device_time / 1e3, 4)) for e in events]
+
+
 def add_speedups(rows):
     for r in rows:
         base = next((x for x in rows if (x["L"], x["mode"], x["method"]) == (r["L"], r["mode"], "dsa")), None)
@@ -225,9 +238,9 @@ def warm(c, variant, device):
 def warmup(args) -> dict:
     """One subprocess per variant group, all at once; returns their wall time and failures."""
     t0 = time.time()
-    variants = [f"prefill_{m}" for m in METHODS] + [f"decode_{m}" for m in METHODS] + ["attend"]
+    groups = [f"prefill_{m}" for m in METHODS] + [f"decode_{m}" for m in METHODS] + ["attend"]
     base = [sys.executable, "-m", "benchmarks.bench_indexer", "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
-    procs = {v: subprocess.Popen(base + ["--warm", v], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in variants}
+    procs = {v: subprocess.Popen(base + ["--warm", v], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in groups}
     failed = {}
     for v, p in procs.items():
         text, _ = p.communicate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -76,3 +77,19 @@ def mma_operand(x, UPCAST: tl.constexpr):
     else:
         y = x
     return y
+
+
+def row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t [B, H, L, D]`` as a ``[B*H*L, D]`` view when its strides allow one TMA-friendly view, else None."""
+    b, h, length, d = t.shape
+    s_b, s_h, s_l, s_d = t.stride()
+    mergeable = s_d == 1 and s_l == d and (h == 1 or s_h == length * d) and (b == 1 or s_b == h * length * d)
+    aligned = t.data_ptr() % 16 == 0 and (d * t.element_size()) % 16 == 0
+    return t.view(b * h * length, d) if mergeable and aligned else None
+
+
+def tma_available(t: torch.Tensor) -> bool:
+    """TMA copies exist on Hopper and later (and in the CPU interpreter, which emulates them)."""
+    if interpreting():
+        return True
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9

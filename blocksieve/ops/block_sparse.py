@@ -34,6 +34,8 @@ from blocksieve.ops._triton_utils import (
     last_dim_contiguous,
     mma_operand,
     next_pow2,
+    row_view,
+    tma_available,
     upcast_dots,
 )
 from blocksieve.ops.alloc import empty_output
@@ -253,15 +255,6 @@ def _tma_block_n(m: int, d: int, block_k: int, force: bool) -> int:
     return block_n if block_n >= (32 if force else 64) else 0
 
 
-def _row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
-    """``t [B, H, L, D]`` as a ``[B*H*L, D]`` view when its strides allow one TMA-friendly view, else None."""
-    b, h, length, d = t.shape
-    s_b, s_h, s_l, s_d = t.stride()
-    mergeable = s_d == 1 and s_l == d and (h == 1 or s_h == length * d) and (b == 1 or s_b == h * length * d)
-    aligned = t.data_ptr() % 16 == 0 and (d * t.element_size()) % 16 == 0
-    return t.view(b * h * length, d) if mergeable and aligned else None
-
-
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, copy: bool) -> tuple:
     """``(k, v, desc_k, desc_v)``: TMA descriptors of ``block_n`` rows, or ``None`` for the gather path.
 
@@ -271,20 +264,13 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, copy: bool) 
     """
     if not block_n:
         return k, v, None, None
-    k_rows, v_rows = _row_view(k), _row_view(v)
+    k_rows, v_rows = row_view(k), row_view(v)
     if (k_rows is None or v_rows is None) and copy:
         k, v = k.contiguous(), v.contiguous()
-        k_rows, v_rows = _row_view(k), _row_view(v)
+        k_rows, v_rows = row_view(k), row_view(v)
     if k_rows is None or v_rows is None:
         return k, v, None, None
     return k, v, TensorDescriptor.from_tensor(k_rows, [block_n, k.shape[-1]]), TensorDescriptor.from_tensor(v_rows, [block_n, v.shape[-1]])
-
-
-def _use_tma(q: torch.Tensor) -> bool:
-    """TMA copies exist on Hopper and later (and in the CPU interpreter, which emulates them)."""
-    if interpreting():
-        return True
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def _block_sparse_fwd_impl(
@@ -309,7 +295,7 @@ def _block_sparse_fwd_impl(
         raise ValueError(
             f"{grid[1]} query tiles per head exceed the kernel's grid (65,535): use block_q=128 or attend in query chunks"
         )
-    tma_n = _tma_block_n(rows * heads, d, block_k, bool(tma)) if tma is not False and _use_tma(q) else 0
+    tma_n = _tma_block_n(rows * heads, d, block_k, bool(tma)) if tma is not False and tma_available(q) else 0
     k, v, desc_k, desc_v = _kv_descriptors(k, v, tma_n, copy=q_len * 4 >= kv_len)
     if tma and desc_k is None:
         raise ValueError("tma=True needs block_k >= the TMA tile and k, v laid out as contiguous [B, H, L, D]")

@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, sm_count
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from blocksieve.ops._triton_utils import interpreting, next_pow2, row_view, sm_count, tma_available
 
 __all__ = ["indexer_topk"]
 
@@ -57,6 +59,14 @@ def _kth_largest(b_v, K: tl.constexpr):
 
 
 @triton.jit
+def _pack(b_sc, o_key):
+    """Scores and key ids (same shape) → one int64 each, ordered by score then id (unique per row)."""
+    bits = b_sc.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed ints
+    return (bits.to(tl.int64) << 32) | o_key.to(tl.int64)
+
+
+@triton.jit
 def _keep_top(p_bufr, cnt, o_c, TOPK: tl.constexpr):
     """Compact the ``cnt`` packed entries at ``p_bufr`` to their ``TOPK`` largest; returns their minimum."""
     tl.debug_barrier()
@@ -72,12 +82,12 @@ def _keep_top(p_bufr, cnt, o_c, TOPK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS"])
 def _indexer_topk_kernel(
-    p_q, p_k, p_w, p_tiles, p_buf, p_out,
+    p_q, p_k, desc_k, p_w, p_tiles, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
-    HAS_TILES: tl.constexpr, PACKED: tl.constexpr,
+    HAS_TILES: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
 ):
     o_h = tl.arange(0, HP)  # [HP]
     o_d = tl.arange(0, D)  # [D]
@@ -111,24 +121,29 @@ def _indexer_topk_kernel(
         t_hi = tl.minimum(t_lo + per, n_tiles)
         cnt = tl.zeros([], dtype=tl.int32)
         tau = tl.full([], EMPTY, dtype=tl.int64)
+        p_tr = p_tiles + i_r * NUM_TILES
+        tile = tl.load(p_tr + t_lo, mask=HAS_TILES & (t_lo < t_hi), other=-1)  # next tile id, loaded one step ahead
         for it in range(t_lo, t_hi):
             if HAS_TILES:
-                tile = tl.load(p_tiles + i_r * NUM_TILES + it)
-                o_key = tile * BLOCK_N + o_n  # [BLOCK_N]
+                key_0 = tile * BLOCK_N
+                tile = tl.load(p_tr + it + 1, mask=it + 1 < t_hi, other=-1)
+                o_key = key_0 + o_n  # [BLOCK_N]
                 m_key = (o_key >= 0) & (o_key < n_vis)  # tile -1: negative keys
             else:
-                o_key = it * BLOCK_N + o_n  # [BLOCK_N]
+                key_0 = it * BLOCK_N
+                o_key = key_0 + o_n  # [BLOCK_N]
                 m_key = o_key < n_vis
-            b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+            if TMA:  # rows past the set's keys (next set, or TMA's zero fill) are masked below
+                b_k = desc_k.load([(i_bs * LKV + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
+            else:
+                b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
             b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]: keys as M, the head sum stays inside each warp
             if RELU:
                 b_l = tl.maximum(b_l, 0.0)
             b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
             if FORCE_ENDS:
                 b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
-            bits = b_sc.to(tl.int32, bitcast=True)
-            bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed ints
-            b_pk = (bits.to(tl.int64) << 32) | o_key.to(tl.int64)  # [BLOCK_N]
+            b_pk = _pack(b_sc, o_key)  # [BLOCK_N]
             m_sel = m_key & (b_pk > tau)
             i_sel = m_sel.to(tl.int32)
             tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
@@ -137,20 +152,106 @@ def _indexer_topk_kernel(
                 tau = _keep_top(p_bufr, cnt, o_c, TOPK)
                 cnt = tl.full([], TOPK, dtype=tl.int32)
         tl.debug_barrier()
-        if cnt > TOPK:
-            _keep_top(p_bufr, cnt, o_c, TOPK)
-            cnt = tl.full([], TOPK, dtype=tl.int32)
-        o_k = tl.arange(0, KP)  # [KP]
-        m_k = o_k < cnt
-        b_top = tl.load(p_bufr + o_k, mask=m_k, other=EMPTY)  # [KP] unordered
-        p_o = p_out + i_w * TOPK + o_k
-        if PACKED:  # split rows: packed (score, id) lists, merged on the host
-            tl.store(p_o, b_top, mask=o_k < TOPK)
-        else:
-            b_id = tl.where(m_k, (b_top & 0xFFFFFFFF).to(tl.int32), 2147483647)
-            b_id = tl.sort(b_id)  # ascending ids, invalid last
-            tl.store(p_o, tl.where(b_id == 2147483647, -1, b_id), mask=o_k < TOPK)
+        _finish_row(p_bufr, cnt, o_c, p_out + i_w * TOPK, TOPK, KP, PACKED)
+
+
+@triton.jit
+def _finish_row(p_bufr, cnt, o_c, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr):
+    """Write a row's top ``TOPK`` of the ``cnt`` packed entries at ``p_bufr`` to ``p_o``.
+
+    Ascending int32 key ids with -1 padding, or (``PACKED``, split rows) the packed values unordered.
+    """
+    if cnt > TOPK:
+        _keep_top(p_bufr, cnt, o_c, TOPK)
+        cnt = tl.full([], TOPK, dtype=tl.int32)
+    o_k = tl.arange(0, KP)  # [KP]
+    m_k = o_k < cnt
+    b_top = tl.load(p_bufr + o_k, mask=m_k, other=EMPTY)  # [KP] unordered
+    if PACKED:  # split rows: packed (score, id) lists, merged on the host
+        tl.store(p_o + o_k, b_top, mask=o_k < TOPK)
+    else:
+        b_id = tl.where(m_k, (b_top & 0xFFFFFFFF).to(tl.int32), 2147483647)
+        b_id = tl.sort(b_id)  # ascending ids, invalid last
+        tl.store(p_o + o_k, tl.where(b_id == 2147483647, -1, b_id), mask=o_k < TOPK)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG"])
+def _indexer_topk_rows_kernel(
+    p_q, p_k, desc_k, p_w, p_buf, p_out,
+    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
+    S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    BLOCK_N: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Flat scan with ``BQ`` consecutive rows per program: each key tile is loaded once for all of them.
+
+    The tile's logits for the ``BQ·HP`` (row, head) pairs are one MMA; each row keeps its own
+    threshold, count and ``CAP``-slot scratch list (slots ``[r·CAP, (r+1)·CAP)`` of the program's).
+    """
+    o_r = tl.arange(0, BQ)  # [BQ]
+    o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh // HP, head o_rh % HP
+    o_d = tl.arange(0, D)  # [D]
+    o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_c = tl.arange(0, CAP)  # [CAP]
+    p_bufp = p_buf + tl.program_id(0).to(tl.int64) * (BQ * CAP)
+    for i_loop in range(tl.program_id(0), TOTAL, NPROG):
+        i_w = tl.full([], 0, dtype=tl.int64) + i_loop
+        i_blk = i_w % NT_BLOCKS
+        i_bs = i_w // NT_BLOCKS
+        i_s = i_bs % S
+        i_b = i_bs // S
+        i_row0 = i_blk * BQ  # first row of the block among NT_ROWS
+        m_row = i_row0 + o_r < NT_ROWS  # [BQ]
+        pos = POS0 + T0 + i_row0 + o_r  # [BQ]
+        n_vis = tl.zeros([BQ], dtype=tl.int64) + LKV
+        if CAUSAL:
+            n_vis = tl.minimum(pos // POS_MULT + 1, LKV)
+        n_vis = tl.where(m_row, n_vis, 0)
+        i_rr = i_row0 + o_rh // HP  # [BQ·HP]
+        m_rh = (i_rr < NT_ROWS) & (o_rh % HP < H)
+        i_t = T0 + i_rr
+        p_qr = p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + (o_rh % HP) * s_qh  # [BQ·HP]
+        b_q = tl.load(p_qr[:, None] + o_d[None, :], mask=m_rh[:, None], other=0.0)  # [BQ·HP, D]
+        b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_rh % HP, mask=m_rh, other=0.0)  # [BQ·HP]
+        p_kr = p_k + i_b * s_kb + i_s * s_ks
+        cnt = tl.zeros([BQ], dtype=tl.int32)
+        tau = tl.full([BQ], EMPTY, dtype=tl.int64)
+        for it in range(tl.cdiv(tl.max(n_vis, 0), BLOCK_N)):
+            o_key = it * BLOCK_N + o_n  # [BLOCK_N]
+            m_key = o_key < tl.max(n_vis, 0)
+            if TMA:
+                b_k = desc_k.load([(i_bs * LKV + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
+            else:
+                b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+            b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, BQ·HP]
+            if RELU:
+                b_l = tl.maximum(b_l, 0.0)
+            b_sc = tl.sum(tl.reshape(b_l * b_w[None, :], [BLOCK_N, BQ, HP]), 2)  # [BLOCK_N, BQ]
+            m_vis = o_key[:, None] < n_vis[None, :]  # [BLOCK_N, BQ]
+            if FORCE_ENDS:
+                ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
+                b_sc = tl.where(ends, float("inf"), b_sc)
+            b_pk = _pack(b_sc, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
+            m_sel = m_vis & (b_pk > tau[None, :])
+            i_sel = m_sel.to(tl.int32)
+            slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
+            tl.store(p_bufp + slot, b_pk, mask=m_sel)
+            cnt += tl.sum(i_sel, 0)
+            if tl.max(cnt, 0) > CAP - BLOCK_N:
+                for r in range(BQ):
+                    c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
+                    if c_r > CAP - BLOCK_N:
+                        t_r = _keep_top(p_bufp + r * CAP, c_r, o_c, TOPK)
+                        tau = tl.where(o_r == r, t_r, tau)
+                        cnt = tl.where(o_r == r, TOPK, cnt)
         tl.debug_barrier()
+        for r in range(BQ):
+            if i_row0 + r < NT_ROWS:
+                c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
+                i_out = (i_bs * NT_ROWS + i_row0 + r) * TOPK
+                _finish_row(p_bufp + r * CAP, c_r, o_c, p_out + i_out, TOPK, KP, False)
 
 
 def indexer_topk(
@@ -168,6 +269,9 @@ def indexer_topk(
     force_ends: bool = False,
     block_n: int = 64,
     splits: int = 1,
+    row_block: int = 1,
+    num_warps: int = 4,
+    tma: Optional[bool] = None,
 ) -> torch.Tensor:
     """Top-``topk`` keys of ``I[t,s] = Σ_j w[t,j]·act(q[t,j]·k[s])`` per row, fused (no logits stored).
 
@@ -184,6 +288,12 @@ def indexer_topk(
             default every causal tile.
         force_ends: score the first and the last visible key +inf (HISA's forced blocks).
         splits: programs per row (decode has few rows); their lists are merged with ``torch.topk``.
+        row_block: consecutive rows per program in a flat scan (no ``tiles``, ``splits = 1``): each
+            key tile is loaded once for all of them and their ``row_block · H_I`` logits are one MMA.
+            Worth it when ``H_I`` is small (MISA's routed heads); 1 = one row at a time.
+        num_warps: warps per program.
+        tma: load key tiles with Hopper's tensor memory accelerator (None: when the GPU has it and
+            ``k`` is one ``[B·S·Lkv, d]`` row view; True requires it).
 
     Returns:
         int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible.
@@ -201,27 +311,74 @@ def indexer_topk(
     w = w.float().contiguous() if w.dtype != torch.float32 else w
     nrows = t1 - t0
     total = b * s * nrows * splits
-    cap = max(next_pow2(topk + block_n), 4 * block_n)
     num_tiles = 0
     if tiles is not None:
         if tuple(tiles.shape[:3]) != (b, s, nrows):
             raise ValueError(f"tiles must be [B, S, rows, T] = {(b, s, nrows)} + (T,), got {tuple(tiles.shape)}")
         tiles = tiles.to(torch.int32).contiguous()
         num_tiles = tiles.shape[-1]
+    if row_block < 1 or row_block & (row_block - 1):
+        raise ValueError(f"row_block={row_block} must be a power of two >= 1")
+    if row_block > 1 and (tiles is not None or splits > 1):
+        raise ValueError("row_block > 1 is for flat scans: pass tiles=None and splits=1")
+    desc_k = _key_descriptor(k, block_n, tma)
+    if row_block > 1:
+        cap = max(next_pow2(topk + block_n), 4 * block_n)
+        args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, cap, row_block, num_warps)
+        return _rows_launch(q, k, desc_k, w, topk, *args)
+    # A split sees at most ``per_split`` keys, so keeping that many of each is already exact: short
+    # splits (HISA's 8192 candidates over 16 programs) keep 512, not ``topk``, and merge less.
+    per_split = -(-(num_tiles if tiles is not None else -(-lkv // block_n)) // splits) * block_n
+    keep = min(topk, per_split) if splits > 1 else topk
+    cap = max(next_pow2(keep + block_n), 4 * block_n)
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
     buf = torch.empty(nprog, cap, dtype=torch.int64, device=q.device)
-    out = torch.empty(b, s, nrows, splits, topk, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
+    out = torch.empty(b, s, nrows, splits, keep, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
     _indexer_topk_kernel[(nprog,)](
-        q, k, w, tiles if tiles is not None else buf, buf, out,
+        q, k, desc_k, w, tiles if tiles is not None else buf, buf, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
+        TOPK=keep, KP=next_pow2(keep), CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
-        HAS_TILES=tiles is not None, PACKED=splits > 1, num_warps=4,
+        HAS_TILES=tiles is not None, PACKED=splits > 1, TMA=desc_k is not None, num_warps=num_warps,
     )
     if splits == 1:
         return out[:, :, :, 0]
-    best = out.flatten(-2).topk(topk, dim=-1).values
+    best = out.flatten(-2).topk(min(topk, splits * keep), dim=-1, sorted=False).values  # the ids are sorted next
     ids = torch.where(best != EMPTY_SLOT, best & 0xFFFFFFFF, torch.iinfo(torch.int64).max).sort(-1).values
-    return torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)
+    ids = torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)
+    return torch.nn.functional.pad(ids, (0, topk - ids.shape[-1]), value=-1)
+
+
+def _key_descriptor(k: torch.Tensor, block_n: int, tma: Optional[bool]) -> Optional[TensorDescriptor]:
+    """TMA descriptor of ``block_n``-key tiles over ``k [B, S, Lkv, d]`` as ``[B·S·Lkv, d]`` rows, or None."""
+    rows = row_view(k) if tma is not False and tma_available(k) else None
+    if rows is not None and rows.shape[0] >= 2**31:  # TMA coordinates are int32
+        rows = None
+    if rows is None:
+        if tma:
+            raise ValueError("tma=True needs a Hopper GPU (or TRITON_INTERPRET=1) and k contiguous in its last three dims")
+        return None
+    return TensorDescriptor.from_tensor(rows, [block_n, k.shape[-1]])
+
+
+def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, cap, bq, num_warps):
+    """:func:`indexer_topk`'s flat scan with ``bq`` rows per program (arguments already checked)."""
+    b, s, lq, h, d = q.shape
+    hp = max(next_pow2(h), 16 // bq)  # the MMA needs bq·hp >= 16 columns
+    nblk = -(-nrows // bq)
+    total = b * s * nblk
+    nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 4))
+    buf = torch.empty(nprog, bq * cap, dtype=torch.int64, device=q.device)
+    out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device)
+    _indexer_topk_rows_kernel[(nprog,)](
+        q, k, desc_k, w, buf, out,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
+        w.stride(0), w.stride(1), w.stride(2),
+        s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, BQ=bq, HP=hp, D=d, BLOCK_N=block_n,
+        RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
+        num_warps=num_warps,
+    )
+    return out

@@ -87,22 +87,53 @@ def _prefix(ix: Indexer, rows: int) -> Indexer:
     return Indexer(ix.q[:, :, :rows], ix.k[:, :, :n], ix.w[:, :, :rows], ix.act, ix.causal)
 
 
-def _kernel(ix: Indexer, topk: int, **kw) -> torch.Tensor:
+def _kernel(
+    ix: Indexer, topk: int, keys: Optional[torch.Tensor] = None, rows: Optional[tuple] = None,
+    tiles: Optional[torch.Tensor] = None, block_n: int = 64, row_block: Optional[int] = None, **kw,
+) -> torch.Tensor:
+    """The fused Triton scan of ``ix`` (or of ``ix``'s queries against ``keys``), launch shape chosen here.
+
+    Few rows (decode): each row's keys are split over programs to fill the GPU, at least 512 keys
+    each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
+    :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles.
+    """
     from blocksieve.ops._triton_utils import sm_count
     from blocksieve.ops.indexer_topk import indexer_topk
 
-    rows, sms = ix.q_len * ix.num_sets * ix.q.shape[0], sm_count(ix.q)
-    splits = max(1, min(64, -(-2 * sms // rows), ix.kv_len // 1024)) if rows < sms else 1  # decode: fill the GPU
-    return indexer_topk(ix.q, ix.k, ix.w, topk, relu=ix.act == "relu", causal=ix.causal, splits=splits, **kw)
+    k = ix.k if keys is None else keys
+    t0, t1 = rows if rows is not None else (0, ix.q_len)
+    nrows, sms = (t1 - t0) * ix.num_sets * ix.q.shape[0], sm_count(ix.q)
+    width = tiles.shape[-1] * block_n if tiles is not None else k.shape[2]
+    splits, bq = 1, 1
+    if nrows < sms:
+        splits = max(1, min(64, -(-2 * sms // nrows), width // 512))
+    elif tiles is None:
+        bq = default_row_block(ix.num_heads) if row_block is None else row_block
+        block_n = 128 if bq > 1 else block_n
+    return indexer_topk(
+        ix.q, k, ix.w, topk, relu=ix.act == "relu", causal=ix.causal, rows=(t0, t1), tiles=tiles, block_n=block_n,
+        splits=splits, row_block=bq, **kw,
+    )
 
 
-def flat_ids(ix: Indexer, topk: int, backend: str = "auto") -> torch.Tensor:
+def default_row_block(heads: int) -> int:
+    """Rows per program of a prefill scan with ``heads`` indexer heads: ``256 // heads``, 1 to 8.
+
+    Fastest on an H200 (``benchmarks/results/indexer_launch_sweep_h200.json``): DSA's 64 heads
+    four rows at a time, MISA's 8 routed heads eight.
+    """
+    from blocksieve.ops._triton_utils import next_pow2
+
+    return max(1, min(8, 256 // next_pow2(heads)))
+
+
+def flat_ids(ix: Indexer, topk: int, backend: str = "auto", row_block: Optional[int] = None) -> torch.Tensor:
     """Top-k key ids of every row by a full scan, ``[B, S, Lq, min(topk, Lkv)]``, -1 padded.
 
     int32 ascending from the Triton kernel, int64 unordered from the torch path.
     """
     if _use_triton(ix, backend):
-        return _kernel(ix, min(topk, ix.kv_len))
+        return _kernel(ix, min(topk, ix.kv_len), row_block=row_block)
     b, s, lq = ix.q.shape[:3]
     out = torch.empty(b, s, lq, min(topk, ix.kv_len), dtype=torch.int64, device=ix.q.device)
     step = chunk_rows(ix, ix.kv_len)
@@ -112,9 +143,12 @@ def flat_ids(ix: Indexer, topk: int, backend: str = "auto") -> torch.Tensor:
     return out
 
 
-def flat_topk(ix: Indexer, topk: int = 2048, backend: str = "auto") -> TokenLayout:
-    """DSA: the exact top-``topk`` keys of every row (see the module docstring)."""
-    return _finish(flat_ids(ix, topk, backend), ix, topk)
+def flat_topk(ix: Indexer, topk: int = 2048, backend: str = "auto", row_block: Optional[int] = None) -> TokenLayout:
+    """DSA: the exact top-``topk`` keys of every row (see the module docstring).
+
+    ``row_block``: rows per program of the Triton prefill scan (default by head count).
+    """
+    return _finish(flat_ids(ix, topk, backend, row_block), ix, topk)
 
 
 def _coarse_torch(ix: Indexer, r0: int, r1: int, pooled: torch.Tensor, block: int, m: int) -> torch.Tensor:
@@ -136,12 +170,14 @@ def hisa_topk(
     pool: str = "mean",
     pooled: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    row_block: Optional[int] = None,
 ) -> TokenLayout:
     """HISA: top ``m`` pooled blocks of ``block`` keys, then the exact top-``topk`` of their tokens.
 
     Args:
         ix: the indexer; pooled: its keys pooled by ``pool_keys(ix.k, block, pool)`` if already
             available (decode keeps them up to date with :func:`update_pooled`).
+        row_block: rows per program of the Triton scan of the rows that skip the coarse stage.
     """
     if not ix.causal:
         raise ValueError("hisa_topk needs a causal indexer (its forced last block is the row's own); use flat_topk")
@@ -150,7 +186,7 @@ def hisa_topk(
     n_early = min(ix.q_len, max(0, m * block - (ix.kv_len - ix.q_len)))
     parts = []
     if n_early:
-        parts.append(flat_ids(_prefix(ix, n_early), topk, backend))
+        parts.append(flat_ids(_prefix(ix, n_early), topk, backend, row_block))
     if n_early < ix.q_len:
         parts.append(_hisa_late(ix, n_early, topk, block, m, pooled, backend))
     kk = min(topk, ix.kv_len)
@@ -160,12 +196,10 @@ def hisa_topk(
 
 def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torch.Tensor, backend: str) -> torch.Tensor:
     if _use_triton(ix, backend) and block >= 16:  # MMA tiles need >= 16 keys
-        from blocksieve.ops.indexer_topk import indexer_topk
-
-        bn = min(64, block)
-        blocks = indexer_topk(
-            ix.q, pooled.contiguous(), ix.w, m, relu=ix.act == "relu", rows=(r0, ix.q_len), kv_tokens=ix.kv_len,
-            pos_mult=block, force_ends=True,
+        bn = min(128, block)  # one tile per 128-key block (faster than two of 64 on an H200)
+        blocks = _kernel(  # one row per program: the pooled scan is short (faster measured on an H200)
+            ix, m, keys=pooled.contiguous(), rows=(r0, ix.q_len), kv_tokens=ix.kv_len, pos_mult=block, force_ends=True,
+            row_block=1,
         ).long()
         tiles = blocks[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
@@ -219,13 +253,17 @@ def misa_topk(
     rescore: int = 0,
     pooled: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    row_block: Optional[int] = None,
 ) -> TokenLayout:
-    """MISA: top-``topk`` by the ``h`` routed heads; ``rescore > 0`` (MISA†) re-ranks that many with all heads."""
+    """MISA: top-``topk`` by the ``h`` routed heads; ``rescore > 0`` (MISA†) re-ranks that many with all heads.
+
+    ``row_block``: rows per program of the Triton scan (default by the routed head count: 8 rows for ``h = 8``).
+    """
     routed = ix.with_heads(route_heads(ix, h, block, pooled))
     if rescore <= 0:
-        return flat_topk(routed, topk, backend)
+        return flat_topk(routed, topk, backend, row_block)
     if _use_triton(ix, backend) and rescore <= 4096:
-        cand_all = _kernel(routed, min(rescore, ix.kv_len)).long()
+        cand_all = _kernel(routed, min(rescore, ix.kv_len), row_block=row_block).long()
     else:
         cand_all = None
     b, s, lq = ix.q.shape[:3]

@@ -12,6 +12,7 @@ import pytest
 
 import blocksieve.ops.block_sparse as block_sparse_module
 from blocksieve import BlockLayout
+from blocksieve.ops._triton_utils import row_view
 from blocksieve.ops.alloc import poisoned_outputs
 from tests.helpers import assert_matches_reference, qkv, random_block_layout
 
@@ -102,7 +103,7 @@ def test_strided_kv_views_match(lq, monkeypatch):
     monkeypatch.setattr(block_sparse_module.TensorDescriptor, "from_tensor", lambda *a: made.append(1) or real(*a))
     q, k, v = qkv(2, 4, 2, lq, 200, 64, dtype=torch.float16, device=DEVICE)
     k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
-    assert block_sparse_module._row_view(k_t) is None and block_sparse_module._row_view(k) is not None
+    assert row_view(k_t) is None and row_view(k) is not None
     layout = random_block_layout(2, 4, lq, 200, 64, 64, p=0.5, device=DEVICE)
     with poisoned_outputs():
         out, lse = block_sparse_attention(q, k_t, v_t, layout)

@@ -72,20 +72,23 @@ def test_fewer_visible_keys_than_topk_pads():
     assert torch.equal(got[0, 0, 2, :3], torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
 
 
-def test_tile_list_and_pooled_forced_ends():
-    ix = dsa_indexer(torch.randn(1, 48, 2, 16, device=DEVICE), torch.randn(1, 48, 16, device=DEVICE), torch.randn(1, 48, 2, device=DEVICE))
+@pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
+def test_tile_list_and_pooled_forced_ends(tma):
+    """Tiles in any order, -1 tiles skipped (also first and last: the one-step-ahead id load)."""
+    ix = dsa_indexer(torch.randn(2, 48, 2, 16, device=DEVICE), torch.randn(2, 48, 16, device=DEVICE), torch.randn(2, 48, 2, device=DEVICE))
     r0 = 44
-    tiles = torch.tensor([[[[0, 2], [-1, 1], [2, 0], [1, -1]]]], dtype=torch.int32, device=DEVICE)
-    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 48), tiles=tiles, block_n=16)
+    tiles = torch.tensor([[[[0, 2], [-1, 1], [2, 0], [1, -1]]]], dtype=torch.int32, device=DEVICE).expand(2, 1, 4, 2)
+    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 48), tiles=tiles, block_n=16, tma=tma)
     cand = (tiles.long()[..., None] * 16 + torch.arange(16, device=DEVICE)).flatten(-2)
     cand = torch.where(tiles.long().repeat_interleave(16, -1) >= 0, cand, -1)
     want = topk_ids(candidate_scores(ix, r0, 48, cand), 6, cand)
     assert_topk_equal(ix, got, want, r0)
     pooled = pool_keys(ix.k, 8, "mean")  # 6 blocks of 8
-    blocks = indexer_topk(ix.q, pooled, ix.w, 3, rows=(r0, 48), kv_tokens=48, pos_mult=8, force_ends=True, block_n=16)
-    for i in range(4):
-        row = set(blocks[0, 0, i].tolist())
-        assert {0, (r0 + i) // 8} <= row and max(row) <= (r0 + i) // 8
+    blocks = indexer_topk(ix.q, pooled, ix.w, 3, rows=(r0, 48), kv_tokens=48, pos_mult=8, force_ends=True, block_n=16, tma=tma)
+    for b in range(2):
+        for i in range(4):
+            row = set(blocks[b, 0, i].tolist())
+            assert {0, (r0 + i) // 8} <= row and max(row) <= (r0 + i) // 8
 
 
 def test_hisa_and_misa_kernel_paths_match_torch():
@@ -96,3 +99,67 @@ def test_hisa_and_misa_kernel_paths_match_torch():
     for fn in (lambda be: hisa_topk(ix, 4, block=16, m=2, backend=be), lambda be: misa_topk(ix, 4, h=1, block=16, backend=be)):
         got, want = fn("triton"), fn("torch")
         assert_topk_equal(ix, got.indices, want.indices.long(), 0)
+
+
+@pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
+@pytest.mark.parametrize("relu,bq", [(True, 2), (True, 4), (False, 8)], ids=["relu-bq2", "relu-bq4", "linear-bq8"])
+def test_row_blocks_match_torch(relu, bq, tma):
+    """Several rows per program (each key tile shared): rows of 60-140 keys refill the 64-slot buffers,
+    the last block of rows is partial, and q is a strided view. Small-integer inputs: exact under the
+    GPU's TF32 products, so near-ties cannot reorder (ties are allowed by the comparison)."""
+    lq = 141
+
+    def ints(*shape):
+        return torch.randint(-3, 4, shape, device=DEVICE).float()
+
+    if relu:
+        ix = dsa_indexer(ints(1, lq, 6, 16)[:, :, ::2], ints(1, lq, 16), ints(1, lq, 3))  # q: 3 heads, stride 2
+    else:
+        ix = gqa_indexer(ints(1, 4, lq, 16), ints(1, 2, lq, 16))
+    r0 = 60
+    got = indexer_topk(ix.q, ix.k, ix.w, 9, relu=relu, rows=(r0, lq), block_n=16, row_block=bq, tma=tma)
+    want = flat_ids(ix, 9, backend="torch")[:, :, r0:]
+    assert_topk_equal(ix, got, want, r0)
+
+
+def test_row_blocks_pooled_forced_ends():
+    ix = dsa_indexer(torch.randn(1, 48, 2, 16, device=DEVICE), torch.randn(1, 48, 16, device=DEVICE), torch.randn(1, 48, 2, device=DEVICE))
+    pooled = pool_keys(ix.k, 2, "mean")  # 24 blocks of 2
+    kw = dict(rows=(30, 48), kv_tokens=48, pos_mult=2, force_ends=True, block_n=16)
+    got = indexer_topk(ix.q, pooled, ix.w, 5, row_block=4, **kw)
+    want = indexer_topk(ix.q, pooled, ix.w, 5, row_block=1, **kw)
+    assert torch.equal(got, want)
+    for i in range(18):
+        assert {0, (30 + i) // 2} <= set(got[0, 0, i].tolist())
+
+
+def test_short_splits_keep_only_their_keys():
+    """Splits of fewer keys than topk keep all of theirs (80 per split here) and still merge to the exact top-k.
+
+    Small-integer inputs: their scores are exact under the GPU's TF32 products too, so the 100th/101st
+    boundary cannot move by rounding (ties are allowed by the comparison)."""
+    q, k, w = (torch.randint(-3, 4, shape, device=DEVICE).float() for shape in ((1, 260, 2, 16), (1, 260, 16), (1, 260, 2)))
+    ix = dsa_indexer(q, k, w)
+    r0 = 258
+    got = indexer_topk(ix.q, ix.k, ix.w, 100, rows=(r0, 260), block_n=16, splits=4)
+    assert got.shape == (1, 1, 2, 100)
+    want = flat_ids(ix, 100, backend="torch")[:, :, r0:]
+    assert_topk_equal(ix, got, want, r0)
+
+
+def test_row_block_rejects_bad_values():
+    ix = dsa_indexer(torch.randn(1, 20, 2, 16, device=DEVICE), torch.randn(1, 20, 16, device=DEVICE), torch.randn(1, 20, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="row_block=3 must be a power of two"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, row_block=3)
+    with pytest.raises(ValueError, match="row_block > 1 is for flat scans"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, row_block=2, splits=2)
+
+
+def test_tma_needs_row_view():
+    """Keys that are not one ``[B·S·L, d]`` row view take the gather path, or raise when TMA is required."""
+    k = torch.randn(1, 40, 32, device=DEVICE)[..., :16]  # rows 32 apart
+    ix = dsa_indexer(torch.randn(1, 40, 2, 16, device=DEVICE), k, torch.randn(1, 40, 2, device=DEVICE))
+    got = indexer_topk(ix.q, ix.k.contiguous(), ix.w, 5, rows=(36, 40), block_n=16)
+    assert torch.equal(indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, row_block=1), got)
+    with pytest.raises(ValueError, match="tma=True needs"):
+        indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, tma=True)

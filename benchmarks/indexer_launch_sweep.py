@@ -1,0 +1,90 @@
+"""Launch shapes of the fused indexer kernel on one GPU: rows per program, key tile width, warps.
+
+The indexer benchmark (:mod:`benchmarks.bench_indexer`) times each method with its default launch;
+this sweep times the kernel calls themselves under other launch shapes, so that each method's
+default is the fastest measured and the speed-ups compare best against best:
+
+* ``dsa``: the flat prefill scan (all rows, causal), ``(row_block, block_n, num_warps)``;
+* ``misa``: the same scan over the 8 routed heads of each row;
+* ``hisa_coarse`` / ``hisa_fine``: HISA's pooled-block scan and its scan of each row's 64 chosen
+  blocks (``block_n`` = 64 splits a 128-key block into two tiles, 128 reads it as one);
+* ``decode``: the kernel timeline (torch profiler) of one B = 8 decode step of each method.
+
+Same synthetic DSA-form indexer as the benchmark (H_I = 64, d_I = 128, bf16, top-2048). Writes
+``$OUT/indexer_launch_sweep_h200.json``::
+
+    python -u -m benchmarks.indexer_launch_sweep --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_indexer import SIZES, decode_fns, kernel_timeline, log, make_indexer, timed
+from benchmarks.common import environment
+from blocksieve.ops.indexer_topk import indexer_topk
+from blocksieve.select.token_topk import pool_keys, route_heads
+
+# (row_block, block_n, num_warps, tma); tma None = the default (on for Hopper)
+DSA = [(4, 64, 4, False), (4, 64, 4, None), (4, 128, 4, None), (8, 64, 4, None)]
+MISA = [(8, 64, 4, False), (8, 64, 4, None), (8, 128, 4, None), (16, 64, 4, None)]
+HISA_COARSE = [(1, 64, 4, None), (4, 64, 4, None)]
+HISA_FINE = [(1, 64, 4, None), (1, 128, 4, False), (1, 128, 4, None), (1, 128, 8, None)]
+
+
+def sweep(c, n, device) -> list:
+    ix = make_indexer(c, 1, n, n, device)
+    topk, blk, m = c["topk"], c["hisa_block"], c["hisa_m"]
+    rows = []
+
+    def add(kind, shape, fn):
+        rb, bn, nw, tma = shape
+        rows.append({"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, **timed(fn, c["repeats"])})
+        log(rows[-1])
+
+    for sh in DSA:
+        add("dsa", sh, lambda sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+    routed = ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"]))
+    for sh in MISA:
+        add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+    r0 = m * blk  # HISA's late rows
+    pooled = pool_keys(ix.k, blk).contiguous()
+    kw = dict(rows=(r0, n), kv_tokens=n, pos_mult=blk, force_ends=True)
+    for sh in HISA_COARSE:
+        add("hisa_coarse", sh, lambda sh=sh: indexer_topk(ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], **kw))
+    blocks = indexer_topk(ix.q, pooled, ix.w, m, **kw).long()
+    for sh in HISA_FINE:
+        bn = sh[1]
+        tiles = blocks[..., None] * (blk // bn) + torch.arange(blk // bn, device=blocks.device)
+        tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
+        add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+    dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
+    for name, fn in decode_fns(c, dec).items():
+        rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})
+        log(rows[-1])
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    args = ap.parse_args(argv)
+    c = dict(SIZES["full"])
+    out = args.out / "indexer_launch_sweep_h200.json"
+    res = {"environment": environment(), "rows": []}
+    t0 = time.time()
+    for n in args.lengths:
+        res["rows"] += sweep(c, n, "cuda")
+        res["wall_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=1))
+    log("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
