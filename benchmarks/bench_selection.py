@@ -9,6 +9,13 @@ FlashMoBA's B=128/top-8):
 
 * ``select_ms`` — the method's selection (``plan`` for PBS and S2O: ordering/permutation and
   layouts; S2O's stop happens inside its attention pass);
+* ``select_graph_ms`` — the same selection replayed from a CUDA graph (captured after warm-up calls
+  on a side stream), which removes the launch overhead of many small ops; ``select_graph_error``
+  (the exception text) instead when the selection cannot be captured (e.g. a host synchronisation);
+* ``select_share_of_sparse10`` / ``select_graph_share_of_sparse10`` — those times over the
+  ``sparse_10pct`` attention time (the selection budget is about 0.1);
+* ``rows_equal_torch_path`` (MoBA only) — fraction of layout rows the fused Triton selector and
+  the PyTorch path (``backend="torch"``) agree on exactly (below 1 only through gate near-ties);
 * ``density`` of the layout it produced, ``attend_ms`` of ``blocksieve.attend`` on that layout,
   ``e2e_ms`` of ``m(q, k, v)`` (selection + attention);
 * reference rows: ``sparse_10pct`` (a random 10 %-density 128×128 layout through
@@ -127,6 +134,40 @@ def density(layout):
     return float(kept / (layout.indices.shape[0] * layout.indices.shape[1] * cell.sum()))
 
 
+def graph_timed(fn, warmup=3):
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph.
+
+    As in PyTorch's CUDA-graph recipe: ``warmup`` eager calls on a side stream (Triton compiles,
+    the allocator settles), then one capture on ``torch.cuda.graph``'s own stream. Raises whatever
+    the capture raises (host synchronisation, CPU tensors, ...); the graph and its memory pool are
+    freed before returning.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay)
+    finally:
+        del graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def error_text(e, limit=400):
+    """``Type: message`` of an exception, with the exception it interrupted (a failed capture raises twice)."""
+    text = f"{type(e).__name__}: {e}"
+    if e.__context__ is not None:
+        text += f" (while handling {type(e.__context__).__name__}: {e.__context__})"
+    return text[:limit]
+
+
 def plan_fn(m, q, k):
     return (lambda: m.plan(q, k)) if hasattr(m, "plan") else (lambda: m.select(q, k))
 
@@ -169,11 +210,16 @@ def main():
             m = blocksieve.method(meth, **cfg)
             try:
                 sel = timed(plan_fn(m, q, k))
-                entry = dict(config=repr(m.config), select_ms=sel)
+                entry = dict(config=repr(m.config), select_ms=sel, select_share_of_sparse10=sel / row["sparse_10pct"]["ms"])
                 if meth not in ("pbs", "s2o"):
                     layout = m.select(q, k)
                     entry["density"] = density(layout)
                     entry["attend_ms"] = timed(lambda: blocksieve.attend(q, k, v, layout))
+                if meth == "moba":
+                    ref = blocksieve.method(meth, **cfg, backend="torch").select(q, k).indices
+                    same = ref.shape == layout.indices.shape  # else 0: the widths differ
+                    entry["rows_equal_torch_path"] = float((ref == layout.indices).all(-1).float().mean()) if same else 0.0
+                    del ref
                 if meth == "s2o":  # the fused early-stopping pass vs attend over the blocks it read
                     layout = m.select(q, k)
                     entry["density"] = density(layout)
@@ -188,6 +234,11 @@ def main():
                 entry["e2e_vs_dense"] = entry["e2e_ms"] / row["dense_cudnn"]["ms"]
             except Exception as e:  # noqa: BLE001 - reported, the run goes on
                 entry = dict(error=f"{type(e).__name__}: {e}"[:400])
+            try:
+                entry["select_graph_ms"] = graph_timed(plan_fn(m, q, k))
+                entry["select_graph_share_of_sparse10"] = entry["select_graph_ms"] / row["sparse_10pct"]["ms"]
+            except Exception as e:  # noqa: BLE001 - not capturable: reported, the run goes on
+                entry["select_graph_error"] = error_text(e)
             row[name] = entry
             print(f"[{time.time() - t0:5.0f}s] L={length} {name}: {entry}", flush=True)
             torch.cuda.empty_cache()

@@ -30,11 +30,11 @@ from benchmarks.common import environment
 from blocksieve.ops.indexer_topk import indexer_topk
 from blocksieve.select.token_topk import pool_keys, route_heads
 
-# (row_block, block_n, num_warps, tma); tma None = the default (on for Hopper)
-DSA = [(4, 64, 4, False), (4, 64, 4, None), (4, 128, 4, None), (8, 64, 4, None)]
-MISA = [(8, 64, 4, False), (8, 64, 4, None), (8, 128, 4, None), (16, 64, 4, None)]
-HISA_COARSE = [(1, 64, 4, None), (4, 64, 4, None)]
-HISA_FINE = [(1, 64, 4, None), (1, 128, 4, False), (1, 128, 4, None), (1, 128, 8, None)]
+# (row_block, block_n, num_warps, tma, num_stages); tma None = the default (on for Hopper), stages None = Triton's
+DSA = [(4, 64, 4, False, None), (4, 64, 4, None, None), (4, 64, 4, None, 2), (4, 128, 4, False, None), (4, 128, 4, None, 2), (2, 128, 4, None, 2)]
+MISA = [(8, 64, 4, False, None), (8, 64, 4, None, 2), (8, 128, 4, False, None), (8, 128, 4, None, 2)]
+HISA_COARSE = [(1, 64, 4, None, None)]
+HISA_FINE = [(1, 128, 4, None, None), (1, 128, 4, False, None), (1, 128, 4, None, 2)]
 
 
 def sweep(c, n, device) -> list:
@@ -43,26 +43,26 @@ def sweep(c, n, device) -> list:
     rows = []
 
     def add(kind, shape, fn):
-        rb, bn, nw, tma = shape
-        rows.append({"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, **timed(fn, c["repeats"])})
+        rb, bn, nw, tma, st = shape
+        rows.append({"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, "num_stages": st, **timed(fn, c["repeats"])})
         log(rows[-1])
 
     for sh in DSA:
-        add("dsa", sh, lambda sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+        add("dsa", sh, lambda sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
     routed = ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"]))
     for sh in MISA:
-        add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+        add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
     r0 = m * blk  # HISA's late rows
     pooled = pool_keys(ix.k, blk).contiguous()
     kw = dict(rows=(r0, n), kv_tokens=n, pos_mult=blk, force_ends=True)
     for sh in HISA_COARSE:
-        add("hisa_coarse", sh, lambda sh=sh: indexer_topk(ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], **kw))
+        add("hisa_coarse", sh, lambda sh=sh: indexer_topk(ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4], **kw))
     blocks = indexer_topk(ix.q, pooled, ix.w, m, **kw).long()
     for sh in HISA_FINE:
         bn = sh[1]
         tiles = blocks[..., None] * (blk // bn) + torch.arange(blk // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
-        add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, block_n=sh[1], num_warps=sh[2], tma=sh[3]))
+        add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
     dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
     for name, fn in decode_fns(c, dec).items():
         rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})

@@ -11,6 +11,15 @@ diagonals whose normalised mass reaches ``gamma`` each, turned into blocks. Both
 block and the diagonal block(s). Per query head (``H = Hq``).
 
 Defaults: ``block=128, gamma=0.9, tau=0.1`` (the paper's; gamma 0.9–0.95 in its experiments).
+
+``backend``: ``"auto"`` (default) runs the Triton kernels on CUDA (rows of up to 8192 key blocks)
+and PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one. The kernels: ``Q̂``'s column and diagonal sums (:mod:`blocksieve.ops.last_rows_stats`;
+``ā`` is the column sums / R pooled per block), the query-aware rows with the first and diagonal
+blocks (:mod:`blocksieve.ops.cumulative_select`, no sort, rows written directly) and the
+vertical-slash rows, the first block as column 0 and the diagonal blocks as diagonal 0
+(:func:`~blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`); each head then takes its
+pattern's rows. The bisection of the kernel keeps every block tied with the last one kept, where
+the sort of the PyTorch path keeps only some (exact ties of pooled scores, in practice never).
 """
 
 from __future__ import annotations
@@ -22,10 +31,10 @@ import torch
 from blocksieve.layout import BlockLayout, causal_block_mask
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
-from blocksieve.select.choose import chunked_layout, cumulative_mask, vertical_slash_block_mask
+from blocksieve.select.choose import chunked_layout, cumulative_mask, vertical_slash_block_mask, vertical_slash_layout
 from blocksieve.select.force import diagonal_blocks
 from blocksieve.select.pool import mean_pool
-from blocksieve.select.score import grouped_dot, last_rows_probs, masked_softmax, slash_sums
+from blocksieve.select.score import LAST_ROWS_BACKENDS, grouped_dot, last_rows_sums, masked_softmax
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class FlexPrefillConfig:
     block: int = 128
     gamma: float = 0.9
     tau: float = 0.1
+    backend: str = "auto"
 
 
 def js_distance(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -63,28 +73,37 @@ class FlexPrefill(SparseMethod):
             raise ValueError(f"gamma must lie in (0, 1], got {c.gamma}")
         if c.tau < 0:
             raise ValueError(f"tau must be >= 0, got {c.tau}")
+        if c.backend not in LAST_ROWS_BACKENDS:
+            raise ValueError(f"backend={c.backend!r} is not one of {LAST_ROWS_BACKENDS}")
 
-    def query_aware_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
-        """``(use_query_aware bool [B, Hq], probs of the last block's rows [B, Hq, R, Lkv])``."""
+    def query_aware_heads(self, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor | None = None) -> tuple:
+        """``(use_query_aware bool [B, Hq], column sums, diagonal sums)`` of the last block's rows, ``[B, Hq, Lkv]`` each.
+
+        ``kp`` is ``mean_pool(k, block)`` when the caller already has it.
+        """
         c = self.config
-        lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
-        nk = -(-lkv // c.block)
-        probs = last_rows_probs(q, k, c.block, d**-0.5)  # [B, Hq, R, Lkv]
-        a_true = torch.nn.functional.pad(probs.mean(2), (0, nk * c.block - lkv)).reshape(*probs.shape[:2], nk, c.block).sum(-1)
-        q_last = q[:, :, lq - probs.shape[2] :].float().mean(2, keepdim=True)
-        s = grouped_dot(q_last, mean_pool(k, c.block), d**-0.5)[:, :, 0]  # [B, Hq, NK]
+        b, hq, lq, d = q.shape
+        lkv = k.shape[2]
+        nk, r = -(-lkv // c.block), min(c.block, lq)
+        cols, diags = last_rows_sums(q, k, c.block, d**-0.5, c.backend)  # Σ over the R rows of their probabilities
+        a_true = torch.nn.functional.pad(cols / r, (0, nk * c.block - lkv)).reshape(b, hq, nk, c.block).sum(-1)
+        q_last = q[:, :, lq - r :].float().mean(2, keepdim=True)
+        s = grouped_dot(q_last, mean_pool(k, c.block) if kp is None else kp, d**-0.5)[:, :, 0]  # [B, Hq, NK]
         last_pos = lkv - 1
         s = s.masked_fill(torch.arange(nk, device=q.device) * c.block > last_pos, float("-inf"))
-        return js_distance(a_true, masked_softmax(s)) < c.tau, probs
+        return js_distance(a_true, masked_softmax(s)) < c.tau, cols, diags
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
         b, hq, lq, d = q.shape
         lkv = k.shape[2]
-        use_qa, probs = self.query_aware_heads(q, k)
-        cols = cumulative_mask(probs.sum(2), c.gamma)
-        slashes = cumulative_mask(slash_sums(probs, lq, lkv), c.gamma)
-        qp, kp = mean_pool(q, c.block), mean_pool(k, c.block)
+        if self._kernel(q, -(-lkv // c.block)):
+            return self._select_rows(q, k)
+        kp = mean_pool(k, c.block)
+        use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
+        cols = cumulative_mask(col_sums, c.gamma)
+        slashes = cumulative_mask(diag_sums, c.gamma)
+        qp = mean_pool(q, c.block)
         allowed = causal_block_mask(c.block, c.block, lq, lkv, q.device)
         diag = diagonal_blocks(c.block, c.block, lq, lkv, q.device)
 
@@ -99,3 +118,36 @@ class FlexPrefill(SparseMethod):
             return keep | forced[:, :-1]
 
         return chunked_layout(mask_fn, b, hq, c.block, c.block, lq, lkv, True)
+
+    def _kernel(self, q: torch.Tensor, num_k_blocks: int) -> bool:
+        """Whether :meth:`select` writes the rows with the kernels (``"auto"``: on CUDA, for rows the kernel holds)."""
+        if self.config.backend != "auto" or not q.is_cuda:
+            return self.config.backend == "triton"
+        from blocksieve.ops.cumulative_select import kernel_supports
+
+        return kernel_supports(num_k_blocks)
+
+    def _select_rows(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
+        """:meth:`select`'s layout from the row-writing kernels: both patterns for every head, then a per-head pick."""
+        from blocksieve.ops.cumulative_select import block_means, causal_limit, cumulative_select_chunked
+
+        c = self.config
+        b, hq, lq, d = q.shape
+        lkv = k.shape[2]
+        nq, nk = -(-lq // c.block), -(-lkv // c.block)
+        qp, kp = block_means(q, c.block), block_means(k, c.block)
+        use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
+        cols = cumulative_mask(col_sums, c.gamma)
+        slashes = cumulative_mask(diag_sums, c.gamma)
+        first = torch.zeros(nq, 1, dtype=torch.long, device=q.device)
+        forced = torch.cat([first, diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]  # [1, 1, NQ, 1 + W]
+        qa_ids, qa_counts = cumulative_select_chunked(
+            lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, d**-0.5), b, hq, nq, nk, c.gamma,
+            limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced,
+        )  # fmt: skip
+        cols[..., 0] = True  # the first block
+        slashes[..., 0] = True  # diagonal 0 crosses exactly the diagonal blocks
+        vs = vertical_slash_layout(cols, slashes, c.block, c.block, lq, lkv, backend="triton")
+        pick = use_qa[:, :, None]
+        ids = torch.where(pick[..., None], qa_ids, vs.indices)
+        return BlockLayout(ids, torch.where(pick, qa_counts, vs.counts), c.block, c.block, lq, lkv, True)

@@ -22,13 +22,18 @@ kernel runs; the test checks this exact rule.
 outside the top-k. MoBA's gate is trained with the model; on a model trained with dense attention
 the mean-pooled gate rarely ranks the sink block first, which costs most of its recall
 (docs/dev/blocks_notes.md).
+
+``backend``: ``"auto"`` (default) runs the fused Triton selector
+(:func:`blocksieve.ops.moba_gate.moba_layout`, same layout up to ties in the gate) on CUDA and the
+PyTorch path below on the CPU; ``"triton"`` / ``"torch"`` force one (``"triton"`` on the CPU needs
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -47,8 +52,12 @@ class MoBAConfig:
     top_k: int = 3
     block_q: int = 64
     block_k: int = 128
-    key_conv: Optional[Any] = None
+    key_conv: Any | None = None
     sink_blocks: int = 0
+    backend: str = "auto"
+
+
+BACKENDS = ("auto", "triton", "torch")
 
 
 @register
@@ -69,12 +78,20 @@ class MoBA(SparseMethod):
             raise ValueError(f"sink_blocks must be >= 0, got {c.sink_blocks}")
         if c.moba_block % c.block_k:
             raise ValueError(f"moba_block={c.moba_block} must be a multiple of block_k={c.block_k}")
+        if c.backend not in BACKENDS:
+            raise ValueError(f"backend={c.backend!r} is not one of {BACKENDS}")
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
-        b, hq, lq, d = q.shape
+        b, hq, lq, _ = q.shape
         lkv = k.shape[2]
         kg = k if c.key_conv is None else causal_key_conv(k, torch.as_tensor(c.key_conv))
+        if c.backend == "triton" or (c.backend == "auto" and q.is_cuda):
+            from blocksieve.ops.moba_gate import moba_layout
+
+            return moba_layout(
+                q, kg, moba_block=c.moba_block, top_k=c.top_k, block_q=c.block_q, block_k=c.block_k, sink_blocks=c.sink_blocks
+            )
         gate = grouped_dot(mean_pool(q, c.block_q), mean_pool(kg, c.moba_block))  # [B, Hq, NQ, NKm]
         first, last = query_block_span(c.block_q, lq, lkv, q.device)
         ends = (torch.arange(gate.shape[-1], device=q.device) + 1) * c.moba_block - 1

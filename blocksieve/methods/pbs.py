@@ -20,6 +20,14 @@ inputs).
 
 Defaults: ``segment=256, block=128, last_q=128, tau=0.9`` (the paper's). ``permute=False`` keeps
 the keys in place: the same rule as plain block selection, the ablation the paper compares to.
+
+``backend``: ``"auto"`` (default) runs the selection's Triton kernels on CUDA and PyTorch elsewhere;
+``"triton"`` / ``"torch"`` force one (selection only; execution uses ``attend``). The kernels: the
+key importance (column sums of the last rows' attention, :mod:`blocksieve.ops.last_rows_stats`) and
+the permuted layout's rows (:mod:`blocksieve.ops.cumulative_select`: earlier segments as a per-row
+limit, the sink block forced; no sort, rows written directly). The kernel's bisection keeps every
+block tied with the last one kept, where the sort of the PyTorch path keeps only some (exact ties
+of pooled scores, in practice never).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from blocksieve.select.choose import chunked_layout, cumulative_mask, expand_blo
 from blocksieve.select.force import own_segment_blocks, segment_start
 from blocksieve.select.pool import mean_pool
 from blocksieve.select.reorder import apply_permutation, invert_permutation, segment_sort
-from blocksieve.select.score import grouped_dot, last_rows_probs, masked_softmax
+from blocksieve.select.score import LAST_ROWS_BACKENDS, grouped_dot, last_rows_column_sums, masked_softmax
 
 SELECT_LIMIT = 1 << 27
 """Largest ``B · H · NQ · Lkv`` for which :meth:`PBS.select` builds its token-exact layout."""
@@ -49,6 +57,7 @@ class PBSConfig:
     last_q: int = 128
     tau: float = 0.9
     permute: bool = True
+    backend: str = "auto"
 
 
 @register
@@ -67,30 +76,57 @@ class PBS(SparseMethod):
             raise ValueError(f"last_q must be positive, got {c.last_q}")
         if not 0.0 < c.tau <= 1.0:
             raise ValueError(f"tau must lie in (0, 1], got {c.tau}")
+        if c.backend not in LAST_ROWS_BACKENDS:
+            raise ValueError(f"backend={c.backend!r} is not one of {LAST_ROWS_BACKENDS}")
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
         """``(perm [B, Hkv, Lkv], permuted layout (causal=False, H=Hq), own-segment layout (causal, H=Hkv))``."""
         c = self.config
         b, hq, lq, d = q.shape
         hkv, lkv = k.shape[1], k.shape[2]
-        probs = last_rows_probs(q, k, c.last_q, d**-0.5)  # [B, Hq, R, Lkv]
-        importance = probs.mean(2).reshape(b, hkv, hq // hkv, lkv).mean(2)
+        cols = last_rows_column_sums(q, k, c.last_q, d**-0.5, c.backend)  # [B, Hq, Lkv], Σ over the R = min(last_q, Lq) rows
+        importance = (cols / min(c.last_q, lq)).reshape(b, hkv, hq // hkv, lkv).mean(2)
         perm = segment_sort(importance, c.segment if c.permute else lkv + 1)
-        qp, kp = mean_pool(q, c.block), mean_pool(apply_permutation(k, perm), c.block)
         seg0 = segment_start(c.block, lq, lkv, c.segment, q.device)  # [NQ]
-        nk = kp.shape[2]
-        earlier = (torch.arange(nk, device=q.device) + 1)[None, :] * c.block <= seg0[:, None]  # [NQ, NK]
-        sink = invert_permutation(perm)[..., 0] // c.block  # [B, Hkv] permuted block of token 0
-        sink = sink.repeat_interleave(hq // hkv, 1)[:, :, None, None] == torch.arange(nk, device=q.device)
+        sink = (invert_permutation(perm)[..., 0] // c.block).repeat_interleave(hq // hkv, 1)  # [B, Hq] permuted block of token 0
+        if self._kernel(q, -(-lkv // c.block)):
+            permuted = self._permuted_rows(q, apply_permutation(k, perm), seg0, sink)
+        else:
+            qp, kp = mean_pool(q, c.block), mean_pool(apply_permutation(k, perm), c.block)
+            nk = kp.shape[2]
+            earlier = (torch.arange(nk, device=q.device) + 1)[None, :] * c.block <= seg0[:, None]  # [NQ, NK]
+            sink = sink[:, :, None, None] == torch.arange(nk, device=q.device)
 
-        def mask_fn(n0: int, n1: int) -> torch.Tensor:
-            s = grouped_dot(qp[:, :, n0:n1], kp, d**-0.5).masked_fill(~earlier[n0:n1], float("-inf"))
-            return (cumulative_mask(masked_softmax(s), c.tau) | sink) & earlier[n0:n1]
+            def mask_fn(n0: int, n1: int) -> torch.Tensor:
+                s = grouped_dot(qp[:, :, n0:n1], kp, d**-0.5).masked_fill(~earlier[n0:n1], float("-inf"))
+                return (cumulative_mask(masked_softmax(s), c.tau) | sink) & earlier[n0:n1]
 
-        permuted = chunked_layout(mask_fn, b, hq, c.block, c.block, lq, lkv, causal=False)
+            permuted = chunked_layout(mask_fn, b, hq, c.block, c.block, lq, lkv, causal=False)
         own = own_segment_blocks(c.block, c.block, lq, lkv, c.segment, q.device)
         diag = BlockLayout.from_candidates(own.expand(b, hkv, *own.shape), c.block, c.block, lq, lkv, True)
         return perm, permuted, diag
+
+    def _kernel(self, q: torch.Tensor, num_k_blocks: int) -> bool:
+        """Whether :meth:`plan` writes the permuted rows with :mod:`blocksieve.ops.cumulative_select`."""
+        if self.config.backend != "auto" or not q.is_cuda:
+            return self.config.backend == "triton"
+        from blocksieve.ops.cumulative_select import kernel_supports
+
+        return kernel_supports(num_k_blocks)
+
+    def _permuted_rows(self, q: torch.Tensor, k_perm: torch.Tensor, seg0: torch.Tensor, sink: torch.Tensor) -> BlockLayout:
+        """The permuted layout from the kernel: row ``n`` chooses among the ``seg0[n] / block`` blocks before its segment."""
+        from blocksieve.ops.cumulative_select import block_means, cumulative_select_chunked
+
+        c = self.config
+        b, hq, lq, d = q.shape
+        lkv = k_perm.shape[2]
+        qp, kp = block_means(q, c.block), block_means(k_perm, c.block)
+        ids, counts = cumulative_select_chunked(
+            lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, d**-0.5), b, hq, qp.shape[2], kp.shape[2], c.tau,
+            limit=seg0 // c.block, forced=sink[:, :, None, None],
+        )  # fmt: skip
+        return BlockLayout(ids, counts, c.block, c.block, lq, lkv, causal=False)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         """The selection in original key positions, ``block_q = block``, ``block_k = 1`` (small inputs only)."""

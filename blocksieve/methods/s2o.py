@@ -38,9 +38,8 @@ import torch
 from blocksieve.layout import BlockLayout
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
-from blocksieve.select.choose import CHUNK_ELEMENTS, importance_order
+from blocksieve.select.choose import CHUNK_ELEMENTS
 from blocksieve.select.force import own_segment_blocks, segment_start
-from blocksieve.select.pool import mean_pool
 from blocksieve.select.score import block_logsumexp, grouped_dot
 
 
@@ -56,11 +55,53 @@ class S2OConfig:
     backend: str = "auto"
 
 
-def _pack(x: torch.Tensor) -> torch.Tensor:
-    """Move the non-negative entries of each row to the front, keeping their order; -1 after."""
-    n = x.shape[-1]
-    key = torch.where(x >= 0, torch.arange(n, device=x.device), n + torch.arange(n, device=x.device))
-    return torch.gather(x, -1, key.argsort(-1))
+def segment_mean(x: torch.Tensor, block: int, off: int = 0) -> torch.Tensor:
+    """Mean of each block of ``block`` rows of ``x [B, H, L, D]`` after ``off`` zero rows in front, ``[B, H, NB, D]`` fp32.
+
+    The ``off`` zero rows count in the first block's mean, a partial last block averages its real
+    rows (as :func:`blocksieve.select.pool.mean_pool` of the padded input). Sums in fp32 straight
+    from ``x``'s dtype: no fp32 copy, and no copy at all when ``off + L`` is a multiple of ``block``.
+    """
+    length = x.shape[2]
+    nb = -(-(length + off) // block)
+    tail = nb * block - length - off
+    xp = x if off == 0 and tail == 0 else torch.nn.functional.pad(x, (0, 0, off, tail))
+    total = xp.unflatten(2, (nb, block)).sum(3, dtype=torch.float32)
+    if tail == 0:
+        return total.div_(block)
+    return torch.cat([total[:, :, :-1] / block, total[:, :, -1:] / (block - tail)], 2)
+
+
+def segment_order_torch(
+    s: torch.Tensor, segment: int, block_q: int, block_k: int, q_len: int, kv_len: int, sink_blocks: int
+) -> tuple:
+    """S2O's ``(order int32 [B, Hq, NQ, K], forced int32 [B, Hq, NQ])`` from segment scores ``s [B, Hq, NS, NK]`` fp32.
+
+    Per segment, the past non-sink blocks (wholly before it) with a score ``> -inf`` by descending
+    score, ties by lower id (a stable sort); per query block the packed head (own segment blocks
+    up to its last row, then sinks wholly before the segment) and right after it the ranked list
+    of its segment, gathered in O(NQ · K); ``K = W + sink_blocks + NK``, -1 padded.
+    """
+    b, hq, ns, nk = s.shape
+    dev = s.device
+    off = (kv_len - q_len) % segment
+    blk = torch.arange(nk, device=dev)
+    seg_first = torch.arange(ns, device=dev) * segment + (kv_len - q_len - off)  # [NS] absolute
+    out = ((blk[None, :] + 1) * block_k > seg_first[:, None]) | (blk < sink_blocks) | ~(s > float("-inf"))
+    vals, idx = s.masked_fill(out, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    ranked = torch.where(vals > float("-inf"), idx, -1).to(torch.int32)  # [B, Hq, NS, NK]
+    own = own_segment_blocks(block_q, block_k, q_len, kv_len, segment, dev)  # [NQ, W], valid prefix
+    first = segment_start(block_q, q_len, kv_len, segment, dev)  # [NQ]
+    n_own = (own >= 0).sum(-1)
+    forced = n_own + (first // block_k).clamp(max=sink_blocks)  # [NQ]
+    col = torch.arange(own.shape[1] + sink_blocks + nk, device=dev)
+    rel = col - n_own[:, None]  # [NQ, K]
+    head = torch.where(rel < 0, torch.nn.functional.pad(own, (0, col.numel() - own.shape[1])), rel)  # own, then sinks
+    rel = col - forced[:, None]
+    src = ((first - (kv_len - q_len - off)) // segment)[:, None] * nk + rel.clamp(0, nk - 1)  # [NQ, K] in [NS · NK]
+    got = ranked.flatten(2).gather(-1, src.flatten().expand(b, hq, -1)).view(b, hq, *src.shape)
+    order = torch.where(rel < 0, head.to(torch.int32), torch.where(rel < nk, got, -1))
+    return order, forced.to(torch.int32).expand(b, hq, -1).contiguous()
 
 
 def sampled_block_logmass(q: torch.Tensor, k: torch.Tensor, segment: int, rows: int, block_k: int, off: int) -> torch.Tensor:
@@ -123,31 +164,27 @@ class S2O(SparseMethod):
         off = (lkv - lq) % c.segment
         if c.rank == "sample":
             return sampled_block_logmass(q, k, c.segment, c.rank_rows, c.block_k, off)
-        qs = mean_pool(torch.nn.functional.pad(q, (0, 0, off, 0)), c.segment)  # [B, Hq, NS, D]
+        qs = segment_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
-            return grouped_dot(qs, mean_pool(k, c.block_k))
+            return grouped_dot(qs, segment_mean(k, c.block_k))
         return block_logsumexp(qs, k, c.block_k, d**-0.5)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
-        """``(order int32 [B, Hq, NQ, K], forced int32 [B, Hq, NQ])``: own segment, sinks, then ranked blocks."""
+        """``(order int32 [B, Hq, NQ, K], forced int32 [B, Hq, NQ])``: own segment, sinks, then ranked blocks.
+
+        The ranking and the rows are written by :mod:`blocksieve.ops.segment_rank` on CUDA (``backend``
+        ``"auto"`` or ``"triton"``, ``NK <= MAX_BLOCKS``), else by :func:`segment_order_torch`; both give
+        the same result from the same scores.
+        """
         c = self.config
-        b, hq, lq, _ = q.shape
-        lkv = k.shape[2]
-        off = (lkv - lq) % c.segment  # align segments to absolute positions
         s = self.segment_scores(q, k)  # [B, Hq, NS, NK]
-        seg_first = (torch.arange(s.shape[2], device=q.device) * c.segment + (lkv - lq - off))  # [NS]
-        ends = (torch.arange(s.shape[-1], device=q.device) + 1) * c.block_k
-        sink = torch.arange(s.shape[-1], device=q.device) < c.sink_blocks
-        ranked, _ = importance_order(s.masked_fill((ends[None, :] > seg_first[:, None]) | sink, float("-inf")))
-        seg_of_block = (segment_start(c.block_q, lq, lkv, c.segment, q.device) - (lkv - lq - off)) // c.segment
-        own = own_segment_blocks(c.block_q, c.block_k, lq, lkv, c.segment, q.device)  # [NQ, W]
-        first = segment_start(c.block_q, lq, lkv, c.segment, q.device)
-        sinks = torch.arange(c.sink_blocks, device=q.device).expand(own.shape[0], -1)
-        sinks = torch.where((sinks + 1) * c.block_k <= first[:, None], sinks, -1)  # only sinks before the segment
-        head = torch.cat([own, sinks], -1)
-        forced = (head >= 0).sum(-1, dtype=torch.int32).expand(b, hq, -1).contiguous()
-        order = torch.cat([head.expand(b, hq, -1, -1), ranked[:, :, seg_of_block]], -1)
-        return _pack(order).to(torch.int32), forced
+        args = (s, c.segment, c.block_q, c.block_k, q.shape[2], k.shape[2], c.sink_blocks)
+        if c.backend == "triton" or (c.backend == "auto" and q.is_cuda):
+            from blocksieve.ops.segment_rank import MAX_BLOCKS, segment_order_triton  # imports Triton: only when run
+
+            if s.shape[-1] <= MAX_BLOCKS:
+                return segment_order_triton(*args)
+        return segment_order_torch(*args)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config

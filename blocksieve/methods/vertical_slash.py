@@ -16,6 +16,11 @@ ids, 119 GB, at 128K with 32 heads), whereas the block layout holds at most ``NK
 block and runs on the block-sparse kernel. The cost is density: a diagonal costs about ``block_q + block_k`` keys
 per query block instead of ``block_q``, a lone column costs ``block_k`` keys — MInference's own
 kernel also turns slashes into blocks (and keeps columns token-exact).
+
+``backend``: ``"auto"`` (default) scores with the Triton kernels of
+:mod:`blocksieve.ops.last_rows_stats` on CUDA (column and diagonal sums without storing the
+``R × Lkv`` probabilities; layout rows written directly) and with PyTorch elsewhere; ``"triton"`` /
+``"torch"`` force one (``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import torch
 from blocksieve.layout import BlockLayout
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
-from blocksieve.select.choose import chunked_layout, topk_mask, vertical_slash_block_mask
-from blocksieve.select.score import last_rows_probs, slash_sums
+from blocksieve.select.choose import topk_mask, vertical_slash_layout
+from blocksieve.select.score import LAST_ROWS_BACKENDS, last_rows_sums
 
 
 @dataclass(frozen=True)
@@ -40,15 +45,16 @@ class VerticalSlashConfig:
     local_slashes: int = 100
     block_q: int = 64
     block_k: int = 64
+    backend: str = "auto"
 
 
 def vertical_slash_sets(
-    probs: torch.Tensor, q_len: int, kv_len: int, vertical_size: int, slash_size: int, sink_columns: int, local_slashes: int
+    cols: torch.Tensor, diags: torch.Tensor, vertical_size: int, slash_size: int, sink_columns: int, local_slashes: int
 ) -> tuple:
-    """Chosen columns and diagonals from the last rows' probabilities ``[B, H, R, Lkv]``: two bool ``[B, H, Lkv]``."""
-    v = probs.sum(2)
+    """Chosen columns and diagonals from the last rows' column and diagonal sums ``[B, H, Lkv]``: two bool ``[B, H, Lkv]``."""
+    v = cols.clone()
     v[..., :sink_columns] = float("inf")
-    s = slash_sums(probs, q_len, kv_len)
+    s = diags.clone()
     s[..., :local_slashes] = float("inf")
     return topk_mask(v, vertical_size), topk_mask(s, slash_size)
 
@@ -68,15 +74,12 @@ class VerticalSlash(SparseMethod):
                 raise ValueError(f"{f} must be positive, got {getattr(c, f)}")
         if c.sink_columns < 0 or c.local_slashes < 0:
             raise ValueError("sink_columns and local_slashes must be >= 0")
+        if c.backend not in LAST_ROWS_BACKENDS:
+            raise ValueError(f"backend={c.backend!r} is not one of {LAST_ROWS_BACKENDS}")
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
-        b, hq, lq, d = q.shape
-        lkv = k.shape[2]
-        probs = last_rows_probs(q, k, c.last_q, d**-0.5)
-        cols, slashes = vertical_slash_sets(probs, lq, lkv, c.vertical_size, c.slash_size, c.sink_columns, c.local_slashes)
-
-        def mask_fn(n0: int, n1: int) -> torch.Tensor:
-            return vertical_slash_block_mask(cols, slashes, n0, n1, c.block_q, c.block_k, lq, lkv)
-
-        return chunked_layout(mask_fn, b, hq, c.block_q, c.block_k, lq, lkv, True)
+        lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
+        col_sums, diag_sums = last_rows_sums(q, k, c.last_q, d**-0.5, c.backend)
+        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.vertical_size, c.slash_size, c.sink_columns, c.local_slashes)
+        return vertical_slash_layout(cols, slashes, c.block_q, c.block_k, lq, lkv, backend=c.backend)

@@ -6,9 +6,11 @@ heads with one MMA (keys are the M dimension, heads the N dimension padded to 16
 sum over heads reduces within a warp), applies the activation and the head weights, and packs
 each score with its key id into one order-preserving int64 (``score bits << 32 | key``, unique
 per row). Keys above the row's running threshold ``tau`` are
-appended to a per-program scratch buffer of ``CAP`` slots; when it fills, ``tau`` becomes the
-``topk``-th largest packed value (found by bisection on the value: about 15 counting passes, no
-sort) and the buffer is compacted to the ``topk`` entries ``>= tau``. Once the keys fall into the
+appended to a per-program scratch buffer of ``CAP`` slots. Tiles are scanned in chunks (up to 1024
+keys); after a chunk, if the buffer lacks room for another, ``tau`` becomes the ``topk``-th largest
+packed value (found by bisection on the value: about 15 counting passes, no sort) and the buffer is
+compacted to the ``topk`` entries ``>= tau`` (the tile loop itself holds no nested loop, so Triton
+can pipeline its loads). Once the keys fall into the
 running top-k rarely (the steady state), a tile costs one MMA and one compare. At the end of a row
 the kept ids are sorted ascending (one ``tl.sort`` of ``topk`` int32), so the result is a
 TokenLayout row as is; split rows (decode) return their packed lists unsorted.
@@ -86,7 +88,7 @@ def _indexer_topk_kernel(
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
+    CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     HAS_TILES: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
 ):
     o_h = tl.arange(0, HP)  # [HP]
@@ -123,32 +125,33 @@ def _indexer_topk_kernel(
         tau = tl.full([], EMPTY, dtype=tl.int64)
         p_tr = p_tiles + i_r * NUM_TILES
         tile = tl.load(p_tr + t_lo, mask=HAS_TILES & (t_lo < t_hi), other=-1)  # next tile id, loaded one step ahead
-        for it in range(t_lo, t_hi):
-            if HAS_TILES:
-                key_0 = tile * BLOCK_N
-                tile = tl.load(p_tr + it + 1, mask=it + 1 < t_hi, other=-1)
-                o_key = key_0 + o_n  # [BLOCK_N]
-                m_key = (o_key >= 0) & (o_key < n_vis)  # tile -1: negative keys
-            else:
-                key_0 = it * BLOCK_N
-                o_key = key_0 + o_n  # [BLOCK_N]
-                m_key = o_key < n_vis
-            if TMA:  # rows past the set's keys (next set, or TMA's zero fill) are masked below
-                b_k = desc_k.load([(i_bs * LKV + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
-            else:
-                b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-            b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]: keys as M, the head sum stays inside each warp
-            if RELU:
-                b_l = tl.maximum(b_l, 0.0)
-            b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
-            if FORCE_ENDS:
-                b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
-            b_pk = _pack(b_sc, o_key)  # [BLOCK_N]
-            m_sel = m_key & (b_pk > tau)
-            i_sel = m_sel.to(tl.int32)
-            tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
-            cnt += tl.sum(i_sel, 0)
-            if cnt > CAP - BLOCK_N:
+        for c0 in range(t_lo, t_hi, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
+            for it in range(c0, tl.minimum(c0 + CHUNK, t_hi)):
+                if HAS_TILES:
+                    key_0 = tile * BLOCK_N
+                    tile = tl.load(p_tr + it + 1, mask=it + 1 < t_hi, other=-1)
+                    o_key = key_0 + o_n  # [BLOCK_N]
+                    m_key = (o_key >= 0) & (o_key < n_vis)  # tile -1: negative keys
+                else:
+                    key_0 = it * BLOCK_N
+                    o_key = key_0 + o_n  # [BLOCK_N]
+                    m_key = o_key < n_vis
+                if TMA:  # rows past the set's keys (next set, or TMA's zero fill) are masked below
+                    b_k = desc_k.load([(i_bs * LKV + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
+                else:
+                    b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+                b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]: keys as M, the head sum stays inside each warp
+                if RELU:
+                    b_l = tl.maximum(b_l, 0.0)
+                b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
+                if FORCE_ENDS:
+                    b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
+                b_pk = _pack(b_sc, o_key)  # [BLOCK_N]
+                m_sel = m_key & (b_pk > tau)
+                i_sel = m_sel.to(tl.int32)
+                tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
+                cnt += tl.sum(i_sel, 0)
+            if cnt > CAP - CHUNK * BLOCK_N:  # no room for another chunk: keep the TOPK best
                 tau = _keep_top(p_bufr, cnt, o_c, TOPK)
                 cnt = tl.full([], TOPK, dtype=tl.int32)
         tl.debug_barrier()
@@ -182,7 +185,7 @@ def _indexer_topk_rows_kernel(
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """Flat scan with ``BQ`` consecutive rows per program: each key tile is loaded once for all of them.
@@ -218,31 +221,33 @@ def _indexer_topk_rows_kernel(
         p_kr = p_k + i_b * s_kb + i_s * s_ks
         cnt = tl.zeros([BQ], dtype=tl.int32)
         tau = tl.full([BQ], EMPTY, dtype=tl.int64)
-        for it in range(tl.cdiv(tl.max(n_vis, 0), BLOCK_N)):
-            o_key = it * BLOCK_N + o_n  # [BLOCK_N]
-            m_key = o_key < tl.max(n_vis, 0)
-            if TMA:
-                b_k = desc_k.load([(i_bs * LKV + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
-            else:
-                b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-            b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, BQ·HP]
-            if RELU:
-                b_l = tl.maximum(b_l, 0.0)
-            b_sc = tl.sum(tl.reshape(b_l * b_w[None, :], [BLOCK_N, BQ, HP]), 2)  # [BLOCK_N, BQ]
-            m_vis = o_key[:, None] < n_vis[None, :]  # [BLOCK_N, BQ]
-            if FORCE_ENDS:
-                ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
-                b_sc = tl.where(ends, float("inf"), b_sc)
-            b_pk = _pack(b_sc, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
-            m_sel = m_vis & (b_pk > tau[None, :])
-            i_sel = m_sel.to(tl.int32)
-            slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
-            tl.store(p_bufp + slot, b_pk, mask=m_sel)
-            cnt += tl.sum(i_sel, 0)
-            if tl.max(cnt, 0) > CAP - BLOCK_N:
+        n_t = tl.cdiv(tl.max(n_vis, 0), BLOCK_N)
+        for c0 in range(0, n_t, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
+            for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):
+                o_key = it * BLOCK_N + o_n  # [BLOCK_N]
+                m_key = o_key < tl.max(n_vis, 0)
+                if TMA:
+                    b_k = desc_k.load([(i_bs * LKV + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
+                else:
+                    b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
+                b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, BQ·HP]
+                if RELU:
+                    b_l = tl.maximum(b_l, 0.0)
+                b_sc = tl.sum(tl.reshape(b_l * b_w[None, :], [BLOCK_N, BQ, HP]), 2)  # [BLOCK_N, BQ]
+                m_vis = o_key[:, None] < n_vis[None, :]  # [BLOCK_N, BQ]
+                if FORCE_ENDS:
+                    ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
+                    b_sc = tl.where(ends, float("inf"), b_sc)
+                b_pk = _pack(b_sc, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
+                m_sel = m_vis & (b_pk > tau[None, :])
+                i_sel = m_sel.to(tl.int32)
+                slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
+                tl.store(p_bufp + slot, b_pk, mask=m_sel)
+                cnt += tl.sum(i_sel, 0)
+            if tl.max(cnt, 0) > CAP - CHUNK * BLOCK_N:  # a row without room for another chunk keeps its TOPK best
                 for r in range(BQ):
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
-                    if c_r > CAP - BLOCK_N:
+                    if c_r > CAP - CHUNK * BLOCK_N:
                         t_r = _keep_top(p_bufp + r * CAP, c_r, o_c, TOPK)
                         tau = tl.where(o_r == r, t_r, tau)
                         cnt = tl.where(o_r == r, TOPK, cnt)
@@ -272,6 +277,7 @@ def indexer_topk(
     row_block: int = 1,
     num_warps: int = 4,
     tma: Optional[bool] = None,
+    num_stages: Optional[int] = None,
 ) -> torch.Tensor:
     """Top-``topk`` keys of ``I[t,s] = Σ_j w[t,j]·act(q[t,j]·k[s])`` per row, fused (no logits stored).
 
@@ -294,6 +300,7 @@ def indexer_topk(
         num_warps: warps per program.
         tma: load key tiles with Hopper's tensor memory accelerator (None: when the GPU has it and
             ``k`` is one ``[B·S·Lkv, d]`` row view; True requires it).
+        num_stages: software-pipelining depth of the tile loop (None: Triton's default).
 
     Returns:
         int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible.
@@ -323,14 +330,13 @@ def indexer_topk(
         raise ValueError("row_block > 1 is for flat scans: pass tiles=None and splits=1")
     desc_k = _key_descriptor(k, block_n, tma)
     if row_block > 1:
-        cap = max(next_pow2(topk + block_n), 4 * block_n)
-        args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, cap, row_block, num_warps)
+        args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, row_block, num_warps, num_stages)
         return _rows_launch(q, k, desc_k, w, topk, *args)
     # A split sees at most ``per_split`` keys, so keeping that many of each is already exact: short
     # splits (HISA's 8192 candidates over 16 programs) keep 512, not ``topk``, and merge less.
     per_split = -(-(num_tiles if tiles is not None else -(-lkv // block_n)) // splits) * block_n
     keep = min(topk, per_split) if splits > 1 else topk
-    cap = max(next_pow2(keep + block_n), 4 * block_n)
+    chunk, cap = _buffer_shape(keep, block_n)
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
     buf = torch.empty(nprog, cap, dtype=torch.int64, device=q.device)
     out = torch.empty(b, s, nrows, splits, keep, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
@@ -339,9 +345,10 @@ def indexer_topk(
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
-        TOPK=keep, KP=next_pow2(keep), CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
+        TOPK=keep, KP=next_pow2(keep), CAP=cap, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
         HAS_TILES=tiles is not None, PACKED=splits > 1, TMA=desc_k is not None, num_warps=num_warps,
+        **_stages(num_stages),
     )
     if splits == 1:
         return out[:, :, :, 0]
@@ -363,8 +370,25 @@ def _key_descriptor(k: torch.Tensor, block_n: int, tma: Optional[bool]) -> Optio
     return TensorDescriptor.from_tensor(rows, [block_n, k.shape[-1]])
 
 
-def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, cap, bq, num_warps):
+def _stages(num_stages: Optional[int]) -> dict:
+    """Launch keyword for the pipelining depth (none: Triton's default)."""
+    return {} if num_stages is None else {"num_stages": num_stages}
+
+
+def _buffer_shape(topk: int, block_n: int) -> tuple:
+    """``(chunk, cap)``: key tiles scanned between two checks of a row's scratch list, and its slots.
+
+    A chunk holds up to ``min(1024, topk)`` keys (rounded up to a tile); the list has room for
+    ``topk`` kept entries plus a whole chunk, so the check (and a compaction to the ``topk`` best)
+    happens once per chunk, outside the tile loop.
+    """
+    chunk = max(1, min(1024, next_pow2(topk)) // block_n)
+    return chunk, max(next_pow2(topk + chunk * block_n), 4 * block_n)
+
+
+def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, bq, num_warps, num_stages):
     """:func:`indexer_topk`'s flat scan with ``bq`` rows per program (arguments already checked)."""
+    chunk, cap = _buffer_shape(topk, block_n)
     b, s, lq, h, d = q.shape
     hp = max(next_pow2(h), 16 // bq)  # the MMA needs bq·hp >= 16 columns
     nblk = -(-nrows // bq)
@@ -377,8 +401,8 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, BQ=bq, HP=hp, D=d, BLOCK_N=block_n,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
-        num_warps=num_warps,
+        num_warps=num_warps, **_stages(num_stages),
     )
     return out

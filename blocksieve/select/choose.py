@@ -9,7 +9,7 @@ holding more than one chunk of scores.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -86,6 +86,20 @@ def vertical_slash_block_mask(
     return col_blocks[:, :, None, :] | (hits.reshape(b, h, n1 - n0, nk) > 0)
 
 
+def compact_ids(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Ids of the ``True`` entries of ``mask [..., N]`` in increasing order, ``[..., width]`` int32, -1 padded.
+
+    O(N): the running count of kept entries gives each one its slot, and the ids are scattered
+    there; slots past ``width`` go to a spare column that is cut off, so rows with more entries
+    keep their ``width`` lowest ids. No sort and no host synchronisation.
+    """
+    slot = mask.cumsum(-1, dtype=torch.int32) - 1
+    slot = torch.where(mask & (slot < width), slot, width).long()
+    ar = torch.arange(mask.shape[-1], dtype=torch.int32, device=mask.device).expand_as(slot)
+    out = torch.full((*mask.shape[:-1], width + 1), -1, dtype=torch.int32, device=mask.device)
+    return out.scatter_(-1, slot, ar)[..., :width]
+
+
 def chunked_layout(
     mask_fn: Callable[[int, int], torch.Tensor],
     batch: int,
@@ -114,11 +128,44 @@ def chunked_layout(
         m = mask_fn(n0, n1)
         if causal:
             m = m & causal_block_mask(block_q, block_k, q_len, kv_len, m.device)[n0:n1]
-        ar = torch.arange(nk, device=m.device)
-        keyed = torch.where(m, ar, nk + ar).sort(-1).values[..., :width]
-        ids.append(torch.where(keyed < nk, keyed, -1).to(torch.int32))
+        ids.append(compact_ids(m, width))
         cnts.append(m.sum(-1, dtype=torch.int32).clamp_max(width))
     return BlockLayout(torch.cat(ids, 2).contiguous(), torch.cat(cnts, 2), block_q, block_k, q_len, kv_len, causal)
+
+
+def vertical_slash_layout(
+    columns: torch.Tensor,
+    slashes: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    q_len: int,
+    kv_len: int,
+    width: int | None = None,
+    backend: str = "auto",
+) -> BlockLayout:
+    """Causal layout of the key blocks that hold a chosen column or cross a chosen diagonal.
+
+    ``columns``/``slashes`` are bool ``[B, H, Lkv]`` as in :func:`vertical_slash_block_mask`; rows
+    keep ``min(width, NK)`` ids (default NK), the lowest when more are chosen. ``backend="triton"``
+    (the default on CUDA) writes each row directly with
+    :func:`blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`; ``"torch"`` (the default
+    elsewhere) runs :func:`chunked_layout` over :func:`vertical_slash_block_mask`.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend={backend!r} is not one of ('auto', 'triton', 'torch')")
+    b, h = columns.shape[:2]
+    nk = math.ceil(kv_len / block_k)
+    width = nk if width is None else max(1, min(width, nk))
+    if backend == "triton" or (backend == "auto" and columns.is_cuda):
+        from blocksieve.ops.last_rows_stats import vertical_slash_layout_triton
+
+        ids, counts = vertical_slash_layout_triton(columns, slashes, block_q, block_k, q_len, kv_len, width)
+        return BlockLayout(ids, counts, block_q, block_k, q_len, kv_len, True)
+
+    def mask_fn(n0: int, n1: int) -> torch.Tensor:
+        return vertical_slash_block_mask(columns, slashes, n0, n1, block_q, block_k, q_len, kv_len)
+
+    return chunked_layout(mask_fn, b, h, block_q, block_k, q_len, kv_len, True, width)
 
 
 def expand_block_ids(ids: torch.Tensor, factor: int) -> torch.Tensor:

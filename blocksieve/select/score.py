@@ -64,6 +64,45 @@ def slash_sums(probs: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
     return out[..., :lkv]
 
 
+LAST_ROWS_BACKENDS = ("auto", "triton", "torch")
+
+
+def _last_rows_triton(q: torch.Tensor, k: torch.Tensor, rows: int, backend: str) -> bool:
+    """Whether :func:`last_rows_sums` runs the Triton kernel: ``"auto"`` picks it on CUDA for the inputs it takes."""
+    if backend not in LAST_ROWS_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {LAST_ROWS_BACKENDS}")
+    if backend != "auto" or not q.is_cuda:
+        return backend == "triton"
+    from blocksieve.ops.last_rows_stats import kernel_supports
+
+    return kernel_supports(q, k, rows)
+
+
+def last_rows_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, backend: str = "auto") -> tuple:
+    """Column and diagonal sums of the last ``rows`` queries' causal softmax: ``(cols, diags)``, ``[B, Hq, Lkv]`` fp32 each.
+
+    ``cols = last_rows_probs(q, k, rows, scale).sum(2)`` (vertical scores) and ``diags =
+    slash_sums(last_rows_probs(...), Lq, Lkv)`` (slash scores). ``backend="triton"`` (the default on
+    CUDA) runs :mod:`blocksieve.ops.last_rows_stats`, which never stores the probabilities;
+    ``"torch"`` (the default elsewhere) materialises them, ``R · Lkv`` per head.
+    """
+    if _last_rows_triton(q, k, rows, backend):
+        from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+
+        return last_rows_sums_triton(q, k, rows, scale)
+    probs = last_rows_probs(q, k, rows, scale)
+    return probs.sum(2), slash_sums(probs, q.shape[2], k.shape[2])
+
+
+def last_rows_column_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, backend: str = "auto") -> torch.Tensor:
+    """``cols`` of :func:`last_rows_sums` alone, ``[B, Hq, Lkv]`` fp32 (the kernel skips the diagonals)."""
+    if _last_rows_triton(q, k, rows, backend):
+        from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+
+        return last_rows_sums_triton(q, k, rows, scale, diagonals=False)[0]
+    return last_rows_probs(q, k, rows, scale).sum(2)
+
+
 def antidiagonal_block_mass(
     q_r: torch.Tensor, k_r: torch.Tensor, n0: int, n1: int, block: int, stride: int, q_len: int, kv_len: int, scale: float
 ) -> torch.Tensor:

@@ -95,7 +95,8 @@ def _kernel(
 
     Few rows (decode): each row's keys are split over programs to fill the GPU, at least 512 keys
     each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
-    :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles.
+    :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles, two
+    pipeline stages deep.
     """
     from blocksieve.ops._triton_utils import sm_count
     from blocksieve.ops.indexer_topk import indexer_topk
@@ -109,7 +110,9 @@ def _kernel(
         splits = max(1, min(64, -(-2 * sms // nrows), width // 512))
     elif tiles is None:
         bq = default_row_block(ix.num_heads) if row_block is None else row_block
-        block_n = 128 if bq > 1 else block_n
+        if bq > 1:  # fastest measured on an H200: 128-key tiles, two pipeline stages
+            block_n = 128
+            kw.setdefault("num_stages", 2)
     return indexer_topk(
         ix.q, k, ix.w, topk, relu=ix.act == "relu", causal=ix.causal, rows=(t0, t1), tiles=tiles, block_n=block_n,
         splits=splits, row_block=bq, **kw,
@@ -117,14 +120,14 @@ def _kernel(
 
 
 def default_row_block(heads: int) -> int:
-    """Rows per program of a prefill scan with ``heads`` indexer heads: ``256 // heads``, 1 to 8.
+    """Rows per program of a prefill scan with ``heads`` indexer heads: ``128 // heads``, 1 to 8.
 
     Fastest on an H200 (``benchmarks/results/indexer_launch_sweep_h200.json``): DSA's 64 heads
-    four rows at a time, MISA's 8 routed heads eight.
+    two rows at a time, MISA's 8 routed heads eight.
     """
     from blocksieve.ops._triton_utils import next_pow2
 
-    return max(1, min(8, 256 // next_pow2(heads)))
+    return max(1, min(8, 128 // next_pow2(heads)))
 
 
 def flat_ids(ix: Indexer, topk: int, backend: str = "auto", row_block: Optional[int] = None) -> torch.Tensor:

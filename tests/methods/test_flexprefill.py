@@ -9,6 +9,8 @@ from blocksieve.methods.flexprefill import js_distance
 from tests.helpers import qkv
 from tests.methods.test_vertical_slash import brute_block_mask
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton backend runs on CUDA or in the interpreter
+
 
 def nucleus(x, tau):
     order, acc, keep = sorted(range(len(x)), key=lambda i: -float(x[i])), 0.0, set()
@@ -66,16 +68,39 @@ def brute_flexprefill(q, k, block, gamma, tau):
     return out & causal_block_mask(block, block, lq, lkv), qa_heads
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("tau", [0.0, 0.3, 10.0], ids=["all-vs", "mixed", "all-qa"])
-def test_flexprefill_matches_brute_force(tau):
+def test_flexprefill_matches_brute_force(tau, backend):
     q, k, _ = qkv(1, 4, 2, 120, 120, 8)
     k[:, 0, 5] *= 5
-    m = blocksieve.method("flexprefill", block=16, gamma=0.8, tau=tau)
-    lay = m.select(q, k)
+    m = blocksieve.method("flexprefill", block=16, gamma=0.8, tau=tau, backend=backend)
+    dev = DEVICE if backend == "triton" else "cpu"
+    lay = m.select(q.to(dev), k.to(dev))
     lay.validate()
     want, heads = brute_flexprefill(q, k, 16, 0.8, tau)
-    assert m.query_aware_heads(q, k)[0][0].tolist() == heads
-    assert torch.equal(lay.to_block_mask(), want)
+    assert m.query_aware_heads(q.to(dev), k.to(dev))[0][0].tolist() == heads
+    assert torch.equal(lay.to_block_mask().cpu(), want)
+
+
+def topic_qkv(b, hq, hkv, lq, lkv, d, chunk=16, topics=6):
+    """Queries and keys drawn around per-chunk topic directions: a few key blocks per query block stand out."""
+    dirs = torch.randn(topics, d) * 1.5
+    tk = torch.randint(0, topics, (b, hkv, lkv // chunk + 1)).repeat_interleave(chunk, -1)[..., :lkv]
+    k = 0.5 * torch.randn(b, hkv, lkv, d) + dirs[tk]
+    q = 0.5 * torch.randn(b, hq, lq, d) + dirs[tk[..., lkv - lq :]].repeat_interleave(hq // hkv, 1)
+    return q, k
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.25, 10.0], ids=["all-vs", "mixed", "all-qa"])
+def test_flexprefill_triton_rows_equal_torch(tau):
+    """The kernel path writes the rows the PyTorch path builds (ids, counts and width), on inputs without near-ties."""
+    q, k = topic_qkv(2, 4, 2, 150, 290, 16)
+    cfg = {"block": 16, "gamma": 0.8, "tau": tau}
+    want = blocksieve.method("flexprefill", backend="torch", **cfg).select(q, k)
+    got = blocksieve.method("flexprefill", backend="triton", **cfg).select(q.to(DEVICE), k.to(DEVICE))
+    got.validate()
+    assert 0.05 < want.density() < 0.9
+    assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.counts.cpu(), want.counts)
 
 
 def test_js_distance_is_zero_for_equal_and_bounded():

@@ -4,6 +4,7 @@ import torch
 import blocksieve
 from blocksieve.ops.reference import reference_attention
 from tests.helpers import qkv
+from tests.methods.test_flexprefill import DEVICE, topic_qkv
 
 
 def brute_pbs_tokens(q, k, segment, block, last_q, tau):
@@ -52,16 +53,33 @@ def brute_pbs_tokens(q, k, segment, block, last_q, tau):
     return mask & (torch.arange(lkv)[None, :] <= pos)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lq,lkv", [(160, 160), (100, 170)], ids=["L160", "Lq100-Lkv170"])
-def test_pbs_matches_brute_force_and_call_equals_select(lq, lkv):
+def test_pbs_matches_brute_force_and_call_equals_select(lq, lkv, backend):
     q, k, v = qkv(1, 4, 2, lq, lkv, 8)
-    m = blocksieve.method("pbs", segment=32, block=16, last_q=16, tau=0.6)
+    m = blocksieve.method("pbs", segment=32, block=16, last_q=16, tau=0.6, backend=backend)
+    want_mask = brute_pbs_tokens(q, k, 32, 16, 16, 0.6)
+    if backend == "triton":
+        q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     lay = m.select(q, k)
     lay.validate()
-    assert torch.equal(lay.to_dense_mask(), brute_pbs_tokens(q, k, 32, 16, 16, 0.6))
+    assert torch.equal(lay.to_dense_mask().cpu(), want_mask)
     out, lse = m(q, k, v, return_lse=True)
     want, want_lse = reference_attention(q, k, v, lay)
     assert torch.allclose(out, want, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("permute", [True, False])
+def test_pbs_triton_plan_equals_torch(permute):
+    """The kernel path writes the permuted rows the PyTorch path builds, on inputs without near-ties."""
+    q, k = topic_qkv(2, 4, 2, 150, 290, 16)
+    cfg = {"segment": 32, "block": 16, "last_q": 16, "tau": 0.8, "permute": permute}
+    perm, want, own = blocksieve.method("pbs", backend="torch", **cfg).plan(q, k)
+    perm_t, got, own_t = blocksieve.method("pbs", backend="triton", **cfg).plan(q.to(DEVICE), k.to(DEVICE))
+    got.validate()
+    assert torch.equal(perm_t.cpu(), perm) and torch.equal(own_t.indices.cpu(), own.indices)
+    assert 0.5 < float(want.counts.float().mean()) < 0.7 * want.indices.shape[-1]
+    assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.counts.cpu(), want.counts)
 
 
 def test_pbs_rejects_bad_config():

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import blocksieve
+from blocksieve.methods.s2o import segment_mean
 from blocksieve.ops.reference import reference_attention
+from blocksieve.select.pool import mean_pool
 from tests.helpers import qkv
 
 
@@ -40,7 +42,7 @@ def brute_n_read(q, k, order, forced, tau, bq, bk):
 
 @pytest.mark.parametrize("lq,lkv,rank", [(150, 150, "mean"), (90, 140, "mean"), (150, 150, "lse")], ids=["L150", "Lq90-Lkv140", "L150-lse"])
 def test_s2o_stop_rule_matches_brute_force(lq, lkv, rank):
-    q, k, v = qkv(1, 4, 2, lq, lkv, 16)
+    q, k, _ = qkv(1, 4, 2, lq, lkv, 16)
     k[:, :, :8] *= 4
     m = blocksieve.method("s2o", segment=32, block_q=16, block_k=16, tau=0.05, rank=rank, backend="torch")
     order, forced = m.plan(q, k)
@@ -113,3 +115,19 @@ def test_s2o_rejects_bad_config():
         blocksieve.method("s2o", rank="max")
     with pytest.raises(ValueError, match="rank_rows"):
         blocksieve.method("s2o", rank="sample", rank_rows=3)
+
+
+@pytest.mark.parametrize("length,block,off", [(96, 32, 0), (90, 32, 0), (90, 32, 20), (100, 32, 28)])
+def test_segment_mean_equals_mean_pool_of_padded_input(length, block, off):
+    x = torch.randn(2, 3, length, 8).to(torch.bfloat16)
+    want = mean_pool(torch.nn.functional.pad(x, (0, 0, off, 0)), block)
+    assert torch.allclose(segment_mean(x, block, off), want, atol=1e-6)
+
+
+def test_s2o_ranking_breaks_ties_by_lower_block_id():
+    q, k, _ = qkv(1, 2, 1, 128, 128, 8)
+    k[:, :, :96] = k[:, :, :16].repeat(1, 1, 6, 1)  # blocks 0-5 equal: equal scores
+    order, forced = blocksieve.method("s2o", segment=32, block_q=16, block_k=16, sink_blocks=0, backend="torch").plan(q, k)
+    for h in range(2):
+        for n in (6, 7):  # segment 3: past blocks 0-5, all tied
+            assert order[0, h, n, forced[0, h, n] :].tolist()[:7] == [0, 1, 2, 3, 4, 5, -1]

@@ -5,7 +5,11 @@ import torch
 
 import blocksieve
 from blocksieve.layout import causal_block_mask
+from blocksieve.select.pool import antidiagonal_pool
+from blocksieve.select.score import antidiagonal_block_mass
 from tests.helpers import qkv
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET
 
 
 def brute_xattention(q, k, block, stride, tau):
@@ -42,13 +46,32 @@ def brute_xattention(q, k, block, stride, tau):
     return out & causal_block_mask(block, block, lq, lkv)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("lq,lkv,tau", [(256, 256, 0.9), (200, 260, 0.5)], ids=["L256-t0.9", "Lq200-Lkv260-t0.5"])
-def test_xattention_matches_brute_force(lq, lkv, tau):
+def test_xattention_matches_brute_force(lq, lkv, tau, backend):
     q, k, _ = qkv(1, 4, 2, lq, lkv, 8)
     k[:, :, 17] *= 6  # a strong column so the threshold bites
-    lay = blocksieve.method("xattention", block=16, stride=4, tau=tau).select(q, k)
+    dev = KERNEL_DEVICE if backend == "triton" else "cpu"
+    lay = blocksieve.method("xattention", block=16, stride=4, tau=tau, backend=backend).select(q.to(dev), k.to(dev))
     lay.validate()
-    assert torch.equal(lay.to_block_mask(), brute_xattention(q, k, 16, 4, tau))
+    assert torch.equal(lay.to_block_mask().cpu(), brute_xattention(q, k, 16, 4, tau))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_xattention_triton_and_torch_backends_agree(dtype):
+    q, k, _ = qkv(2, 4, 2, 300, 517, 16, dtype=dtype)
+    k[:, :, 40] *= 4  # a strong key and a clear local pattern: masses far from the threshold
+    q = (0.5 * q.float() + 1.5 * k.float().repeat_interleave(2, 1)[:, :, 217:]).to(dtype)
+    q_r, k_r = antidiagonal_pool(q, k, 8)
+    mass = antidiagonal_block_mass(q_r, k_r, 0, 10, 32, 8, 300, 517, 16**-0.5)
+    before = mass.sort(-1, descending=True).values.cumsum(-1)
+    assert ((before - 0.8).abs() > 1e-4).all()  # no block sits on the cumulative threshold
+    ref = blocksieve.method("xattention", block=32, stride=8, tau=0.8, backend="torch").select(q, k)
+    assert 0.05 < ref.density() < 0.95
+    kernel = blocksieve.method("xattention", block=32, stride=8, tau=0.8, backend="triton")
+    got = kernel.select(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE))
+    got.validate()
+    assert torch.equal(got.to_block_mask().cpu(), ref.to_block_mask())
 
 
 def test_xattention_rejects_bad_config():
@@ -56,3 +79,5 @@ def test_xattention_rejects_bad_config():
         blocksieve.method("xattention", block=100, stride=8)
     with pytest.raises(ValueError, match="tau"):
         blocksieve.method("xattention", tau=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        blocksieve.method("xattention", backend="cuda")

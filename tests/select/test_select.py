@@ -8,6 +8,7 @@ import torch
 from blocksieve.layout import causal_block_mask
 from blocksieve.select.choose import (
     chunked_layout,
+    compact_ids,
     cumulative_mask,
     expand_block_ids,
     importance_order,
@@ -147,6 +148,17 @@ def test_chunked_layout_equals_from_block_mask(monkeypatch):
     want = causal_block_mask(16, 12, 100, 100) & mask
     assert torch.equal(lay.to_block_mask(), want)
     lay.validate()
+
+
+@pytest.mark.parametrize("width", [1, 4, 9, 20])
+def test_compact_ids_keeps_lowest_ids(width):
+    mask = torch.rand(2, 3, 5, 9) < 0.5
+    mask[0, 0, 0] = True
+    mask[0, 0, 1] = False
+    got = compact_ids(mask, min(width, 9))
+    for row, ids in zip(mask.reshape(-1, 9), got.reshape(-1, got.shape[-1])):
+        want = torch.nonzero(row).flatten()[: got.shape[-1]].tolist()
+        assert ids.tolist() == want + [-1] * (got.shape[-1] - len(want))
 
 
 def test_forced_sets_and_expand():

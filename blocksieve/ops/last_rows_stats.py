@@ -1,0 +1,297 @@
+"""Column and diagonal sums of the last query rows' causal softmax, without storing the probabilities.
+
+MInference, FlexPrefill and PBS-Attn score keys with the attention of the last ``R`` queries:
+``p [B, Hq, R, Lkv]``, row ``t`` of the last ``R`` at position ``pos(t) = Lkv - R + t`` (right-aligned,
+causal: keys ``<= pos(t)``). They need only two reductions of ``p``:
+
+* column sums ``cols[b, h, j] = Σ_t p[t, j]`` (``p.sum(2)``);
+* diagonal sums ``diags[b, h, d] = Σ_t p[t, pos(t) - d]`` (:func:`blocksieve.select.score.slash_sums`).
+
+Two passes over the keys, both a program per (tile of ``BLOCK_N`` keys, KV head) that loads the key
+tile once and loops over the KV group's ``G`` query heads, each holding its ``R <= BLOCK_R`` rows of
+``q`` (query head ``h`` reads KV head ``h // G``):
+
+1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
+   head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
+2. :func:`_sums_kernel` — ``p = exp2(s - m) / l`` tile by tile; the column sums are a reduction
+   over rows (each key belongs to one program: plain stores). The tile's diagonals form a band of
+   ``R + BLOCK_N - 1`` offsets: ``tl.gather`` skews ``p`` chunk by chunk (``BLOCK_N`` offsets per
+   chunk) so that a diagonal becomes a column, reduced over rows, and each program stores its own
+   band (no atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
+   fixed order, so the result is deterministic.
+
+Memory: ``O(B · Hq · Lkv)`` fp32 (the band partials are ``⌈(R + BLOCK_N - 1) / BLOCK_N⌉ · Lkv`` per
+head); no host synchronisation, so the call can be captured in a CUDA graph.
+
+:func:`vertical_slash_layout_triton` then turns the chosen columns and diagonals into the causal
+:class:`~blocksieve.layout.BlockLayout` rows directly (:func:`_vertical_slash_layout_kernel`), without the
+``[B, H, NQ, NK]`` bool mask and its compaction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from blocksieve.ops._triton_utils import interpreting, mma_operand, next_pow2, sm_count, upcast_dots
+from blocksieve.ops.alloc import empty_output
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64
+MAX_ROWS = 256
+MAX_HEAD_DIM = 256
+LAYOUT_TILE = 256
+"""Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _row_stats_kernel(
+    Q, K, M, L,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    q_len, kv_len, rows, num_kv_heads, group, n_span, tiles_per_span, qk_scale,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_s = tl.program_id(0)
+    i_bk = tl.program_id(1)
+    i_b = i_bk // num_kv_heads
+    i_kh = i_bk % num_kv_heads
+    o_r = tl.arange(0, BLOCK_R)  # [BR] row among the last `rows`
+    o_c = tl.arange(0, BLOCK_N)  # [BN]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_r = o_r < rows
+    m_d = o_d < D
+    o_pos = kv_len - rows + o_r  # [BR] key position of each row
+    o_q = (q_len - rows + o_r).to(tl.int64)
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    for g in range(group):
+        i_h = i_kh * group + g
+        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
+        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BR, BD]
+        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_R], 0.0, tl.float32)
+        for t in range(tiles_per_span):
+            o_key = (i_s * tiles_per_span + t) * BLOCK_N + o_c  # [BN]
+            m_key = o_key < kv_len
+            p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
+            b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
+            m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BR]
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
+            m_i = m_new
+        o_out = ((i_b * num_kv_heads * group + i_h) * n_span + i_s).to(tl.int64) * rows + o_r
+        tl.store(M + o_out, m_i, mask=m_r)
+        tl.store(L + o_out, l_i, mask=m_r)
+
+
+@triton.jit
+def _sums_kernel(
+    Q, K, M, L, COLS, BANDS,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    q_len, kv_len, rows, num_kv_heads, group, n_tiles, qk_scale,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
+    DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_t = tl.program_id(0)
+    i_bk = tl.program_id(1)
+    i_b = i_bk // num_kv_heads
+    i_kh = i_bk % num_kv_heads
+    o_r = tl.arange(0, BLOCK_R)  # [BR]
+    o_c = tl.arange(0, BLOCK_N)  # [BN]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_r = o_r < rows
+    m_d = o_d < D
+    o_pos = kv_len - rows + o_r  # [BR]
+    o_q = (q_len - rows + o_r).to(tl.int64)
+    o_key = i_t * BLOCK_N + o_c  # [BN]
+    m_key = o_key < kv_len
+    p_kt = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh + o_key.to(tl.int64)[:, None] * stride_kl
+    b_k = mma_operand(tl.load(p_kt + o_d[None, :], mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
+    m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BR, BN]
+    for g in range(group):
+        i_h = i_kh * group + g
+        bh = (i_b * num_kv_heads * group + i_h).to(tl.int64)
+        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
+        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BR, BD]
+        b_m = tl.load(M + bh * rows + o_r, mask=m_r, other=0.0)  # [BR]
+        b_l = tl.load(L + bh * rows + o_r, mask=m_r, other=1.0)  # [BR]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
+        b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BR, BN]
+        tl.store(COLS + bh * kv_len + o_key, tl.sum(b_p, 0), mask=m_key)
+        if DIAGONALS:
+            # band offset e = (kv_len - 1 - first key of the tile) - d; row t meets it at column t + e - (rows - 1)
+            for c in tl.static_range(N_CHUNKS):
+                o_e = c * BLOCK_N + o_c  # [BN]
+                o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BR, BN]
+                m_col = (o_col >= 0) & (o_col < BLOCK_N)
+                b_g = tl.gather(b_p, tl.where(m_col, o_col, 0), 1)  # [BR, BN]
+                part = tl.sum(tl.where(m_col, b_g, 0.0), 0)  # [BN]
+                tl.store(BANDS + (bh * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e, part)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, rows: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q must be [B, Hq, Lq, D] and k [B, Hkv, Lkv, D] with the same B and D, got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} heads, q has {q.shape[1]}: Hq must be a multiple of Hkv")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} rows but k only {k.shape[2]} keys: right-aligned causal queries need Lq <= Lkv")
+    if not 0 < min(rows, q.shape[2]) <= MAX_ROWS:
+        raise ValueError(f"rows={rows}: the kernel takes 1 to {MAX_ROWS} last rows; use last_rows_probs for more")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={q.shape[3]}: the kernel takes D <= {MAX_HEAD_DIM}; use backend='torch'")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q, k have dtypes {q.dtype}, {k.dtype}: pass one of {SUPPORTED_DTYPES} for both")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"q is on {q.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use backend='torch'")
+
+
+def kernel_supports(q: torch.Tensor, k: torch.Tensor, rows: int) -> bool:
+    """Whether :func:`last_rows_sums_triton` accepts these inputs (the device aside)."""
+    lq, d = q.shape[2], q.shape[3]
+    dtype_ok = q.dtype in SUPPORTED_DTYPES and k.dtype == q.dtype
+    return dtype_ok and 0 < min(rows, lq) <= MAX_ROWS and d <= MAX_HEAD_DIM and lq <= k.shape[2] and q.shape[1] % k.shape[1] == 0
+
+
+def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Overlapping per-tile bands ``[B, H, NT, C, BLOCK_N]`` → diagonal sums ``[B, H, Lkv]``.
+
+    Tile ``t``'s offset ``e = c · BLOCK_N + f`` is diagonal ``d = Lkv - 1 - (t + c) · BLOCK_N - f``,
+    so chunk ``c`` of tile ``t`` lands on reversed block ``t + c``: ``C`` shifted adds.
+    """
+    b, h, nt, nc, bn = bands.shape
+    rev = bands.new_zeros(b, h, nt + nc - 1, bn)
+    for c in range(nc):
+        rev[:, :, c : c + nt] += bands[:, :, :, c]
+    return rev.flatten(2)[..., :kv_len].flip(-1)
+
+
+def last_rows_sums_triton(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, diagonals: bool = True) -> tuple:
+    """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` fp16/bf16/fp32; k: ``[B, Hkv, Lkv, D]`` of the same dtype, ``Lq <= Lkv``.
+        rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
+        diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
+    Returns:
+        ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
+        ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
+    """
+    _check(q, k, rows)
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    r = min(rows, lq)
+    q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
+    block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
+    n_tiles = math.ceil(lkv / BLOCK_N)
+    tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (4 * sm_count(q))))
+    n_span = math.ceil(n_tiles / tiles_per_span)
+    n_chunks = math.ceil((block_r + BLOCK_N - 1) / BLOCK_N)
+    meta = {
+        "D": d,
+        "BLOCK_R": block_r,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_D": block_d,
+        "UPCAST": upcast_dots(q.dtype),
+        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": 8 if block_r >= 128 else 4,
+    }
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+    qk_scale = float(scale) * LOG2E
+    m_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
+    l_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
+    _row_stats_kernel[(n_span, b * hkv)](
+        q, k, m_part, l_part, *strides, lq, lkv, r, hkv, hq // hkv, n_span, tiles_per_span, qk_scale, **meta
+    )
+    m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
+    l_tot = (l_part * torch.exp2(m_part - m[:, :, None])).sum(2)
+    cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
+    bands = empty_output(b, hq, n_tiles, n_chunks, BLOCK_N, dtype=torch.float32, device=q.device) if diagonals else cols
+    _sums_kernel[(n_tiles, b * hkv)](
+        q, k, m.contiguous(), l_tot.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, qk_scale,
+        N_CHUNKS=n_chunks, DIAGONALS=diagonals, **meta,
+    )  # fmt: skip
+    return cols, (_add_bands(bands, lkv) if diagonals else None)
+
+
+@triton.jit
+def _vertical_slash_layout_kernel(
+    COLS, CSUM, IDX, CNT,
+    q_len, kv_len, nq, nk, n_res, width,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+):  # fmt: skip
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    p0 = i_n * BLOCK_Q + kv_len - q_len  # first and last row positions of the query block
+    p1 = tl.minimum((i_n + 1) * BLOCK_Q, q_len) - 1 + kv_len - q_len
+    n_vis = tl.minimum(p1 // BLOCK_K + 1, nk)  # causal: key blocks starting at or before p1
+    # diagonals crossing key block j: d in [lo, hi) with hi = p1 + 1 - j·BK = (q_hi - j)·BK + r_hi and
+    # lo = p0 + 1 - (j + 1)·BK = (q_lo - j)·BK + r_lo (clamped at 0): CSUM[r, m] = prefix sum at m·BK + r
+    q_hi, r_hi = (p1 + 1) // BLOCK_K, (p1 + 1) % BLOCK_K
+    q_lo, r_lo = (p0 + 1) // BLOCK_K - 1, (p0 + 1) % BLOCK_K
+    p_hi = CSUM + (i_bh * BLOCK_K + r_hi) * n_res + q_hi
+    p_lo = CSUM + (i_bh * BLOCK_K + r_lo) * n_res + q_lo
+    p_row = IDX + (i_bh * nq + i_n) * width
+    o_j = tl.arange(0, BLOCK_J)  # [BJ]
+    count = 0
+    for j0 in range(0, n_vis, BLOCK_J):
+        o_k = j0 + o_j  # [BJ] key block ids
+        m_k = o_k < n_vis
+        b_col = tl.load(COLS + i_bh * nk + o_k, mask=m_k, other=0)  # [BJ]
+        b_hi = tl.load(p_hi - o_k, mask=m_k, other=0)  # [BJ]
+        b_lo = tl.load(p_lo - o_k, mask=m_k & (o_k <= q_lo), other=0)  # [BJ]
+        keep = m_k & ((b_col != 0) | (b_hi > b_lo))
+        slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1  # [BJ] place in the row
+        tl.store(p_row + slot, o_k, mask=keep & (slot < width))
+        count += tl.sum(keep.to(tl.int32), 0)
+    count = tl.minimum(count, width)
+    tl.store(CNT + i_bh * nq + i_n, count)
+    for s0 in range(count // BLOCK_J * BLOCK_J, width, BLOCK_J):
+        o_s = s0 + o_j
+        tl.store(p_row + o_s, -1, mask=(o_s >= count) & (o_s < width))
+
+
+def vertical_slash_layout_triton(
+    columns: torch.Tensor, slashes: torch.Tensor, block_q: int, block_k: int, q_len: int, kv_len: int, width: int
+) -> tuple:
+    """Causal vertical-slash block layout rows, as ``chunked_layout`` over ``vertical_slash_block_mask`` builds them.
+
+    One program per (query block, head) walks the visible key blocks in tiles: a block is kept when
+    it holds a chosen column or a chosen diagonal crosses it (two loads of the diagonals' prefix
+    sums, stored residue-major so the loads are contiguous), and a running ``tl.cumsum`` gives each
+    kept id its slot; slots past ``width`` are dropped (the lowest ids stay), the rest padded with -1.
+
+    Args:
+        columns, slashes: bool ``[B, H, Lkv]`` chosen key positions / diagonal offsets ``d`` (key = pos - d).
+        width: ids per row, ``1 <= width <= NK``.
+    Returns:
+        ``(indices int32 [B, H, NQ, width], counts int32 [B, H, NQ])``.
+    """
+    if columns.shape != slashes.shape or columns.dim() != 3 or columns.shape[-1] != kv_len:
+        raise ValueError(
+            f"columns and slashes must both be [B, H, Lkv={kv_len}], got {tuple(columns.shape)}, {tuple(slashes.shape)}"
+        )
+    if columns.device.type != "cuda" and not interpreting():
+        raise ValueError(f"columns is on {columns.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use backend='torch'")
+    b, h, _ = columns.shape
+    nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
+    pad = nk * block_k - kv_len
+    col_blocks = torch.nn.functional.pad(columns, (0, pad)).reshape(b, h, nk, block_k).any(-1).to(torch.int8)
+    csum = torch.nn.functional.pad(slashes.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, block_k - 1 + pad))
+    csum = csum.reshape(b, h, nk + 1, block_k).transpose(-1, -2).contiguous()  # [B, H, BK, NK + 1]
+    indices = torch.empty(b, h, nq, width, dtype=torch.int32, device=columns.device)  # every entry is written
+    counts = torch.empty(b, h, nq, dtype=torch.int32, device=columns.device)
+    _vertical_slash_layout_kernel[(nq, b * h)](
+        col_blocks, csum, indices, counts, q_len, kv_len, nq, nk, nk + 1, width,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_J=min(LAYOUT_TILE, max(16, next_pow2(nk))),
+    )  # fmt: skip
+    return indices, counts

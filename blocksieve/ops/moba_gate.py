@@ -1,0 +1,267 @@
+"""MoBA's selection fused in Triton: pooled gate, top-k, own and sink blocks, straight to a BlockLayout.
+
+Same rule as the PyTorch path of :class:`blocksieve.methods.moba.MoBA` (mean-pooled queries and
+keys, ``gate = q̄ · k̄`` in fp32, own and future blocks excluded, top ``top_k - 1`` past blocks
+plus the own block(s) and ``sink_blocks`` first blocks, expanded to ``block_k`` kernel blocks and
+cut at the causal limit), without the ``[B, Hq, NQ, NKm]`` gate tensor, the top-k and the two
+sorts of :meth:`~blocksieve.layout.BlockLayout.from_candidates`, and without host synchronisation
+(CUDA-graph capturable).
+
+Two kernels:
+
+* ``_mean_pool_kernel`` — one program per (block, batch·head): fp32 mean of the block's rows
+  (a partial last block averages its real rows only), for the queries (``block_q``) and the keys
+  (``moba_block``); any strides.
+* ``_moba_gate_kernel`` — one program per (tile of query blocks, batch·KV head). Its ``M`` rows are
+  the ``G`` query heads of the KV group times ``QT`` query blocks, so each chunk of ``BN`` pooled
+  keys is loaded once for all of them. Per chunk: ``[M, BN]`` scores by one fp32 ``tl.dot``
+  (``input_precision="ieee"``: no TF32 rounding, as ``grouped_dot``), own/future blocks set to
+  ``-inf``, then a running top-``K1`` list per row is merged with the chunk by ``K1`` rounds of
+  argmax (skipped when no score beats the row's current ``K1``-th). Ties go to the lower block id
+  (``torch.topk`` may break ties otherwise); NaN gates (non-finite inputs) are never kept and may
+  hide the rest of their row, where ``torch.topk`` ranks them first.
+  The kept ids, the own block(s) and the sinks (a sink also chosen or own is kept once) are sorted
+  ascending per row (``tl.sort`` of ``CC`` small ints), each coarse id ``c`` writes its fine ids
+  ``c·F .. c·F+F-1`` at slots ``i·F ..``; fine ids past ``min(NK - 1, last_row // block_k)`` become
+  -1. Sorted coarse ids give ascending fine ids, so the valid ones form a prefix: exactly
+  ``from_candidates``' rows, ``W = (min(top_k - 1, NKm) + span + sink_blocks) · F`` wide.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from blocksieve.layout import BlockLayout
+from blocksieve.ops._triton_utils import interpreting, next_pow2
+
+__all__ = ["mean_pool_triton", "moba_layout"]
+
+ROWS = 32
+"""Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
+BN = 64
+"""Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
+POOL_ROWS = 64
+"""Rows loaded per step of the pooling kernel."""
+
+
+# fmt: off
+@triton.jit
+def _mean_pool_kernel(
+    p_x, p_out, s_xb, s_xh, s_xl, s_xd, H, L, NB,
+    BLOCK: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+):
+    # fmt: on
+    i_nb = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_r = tl.arange(0, RB)  # [RB]
+    o_d = tl.arange(0, DP)  # [DP]
+    m_d = o_d < D
+    row0 = i_nb * BLOCK
+    p_xr = p_x + i_b * s_xb + i_h * s_xh + o_d[None, :].to(tl.int64) * s_xd
+    b_acc = tl.zeros([RB, DP], dtype=tl.float32)
+    for r0 in range(0, BLOCK, RB):
+        o_row = row0 + r0 + o_r  # [RB]
+        m_r = (r0 + o_r < BLOCK) & (o_row < L)
+        b_x = tl.load(p_xr + o_row[:, None].to(tl.int64) * s_xl, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [RB, DP]
+        b_acc += b_x.to(tl.float32)
+    n_real = tl.minimum(L - row0, BLOCK).to(tl.float32)
+    tl.store(p_out + (i_bh * NB + i_nb) * D + o_d, tl.sum(b_acc, 0) / n_real, mask=m_d)
+
+
+@triton.jit
+def _merge_top(b_v, b_id, b_s, o_key, o_c, K1: tl.constexpr):
+    """Top ``K1`` of the running list ``(b_v, b_id) [M, CC]`` and the chunk ``b_s [M, BN]`` (ids ``o_key``).
+
+    ``K1`` rounds of argmax; equal scores go to the lower id; ``-inf`` entries are never kept (id -1).
+    """
+    n_v = tl.full(b_v.shape, float("-inf"), tl.float32)  # [M, CC]
+    n_id = tl.full(b_id.shape, -1, tl.int32)
+    for t in range(K1):
+        mx = tl.maximum(tl.max(b_v, 1), tl.max(b_s, 1))  # [M]
+        pick_v = tl.min(tl.where(b_v == mx[:, None], b_id, 2147483647), 1)
+        pick_s = tl.min(tl.where(b_s == mx[:, None], o_key[None, :], 2147483647), 1)
+        pick = tl.minimum(pick_v, pick_s)  # [M]
+        m_t = o_c[None, :] == t  # [1, CC]
+        n_v = tl.where(m_t, mx[:, None], n_v)
+        n_id = tl.where(m_t & (mx[:, None] > float("-inf")), pick[:, None], n_id)
+        b_v = tl.where(b_id == pick[:, None], float("-inf"), b_v)
+        b_s = tl.where(o_key[None, :] == pick[:, None], float("-inf"), b_s)
+    return n_v, n_id
+
+
+# fmt: off
+@triton.jit
+def _moba_gate_kernel(
+    p_qp, p_kp, p_idx, p_cnt, HQ, HKV, NQ, NKM, NK, LQ, LKV,
+    G: tl.constexpr, QT: tl.constexpr, M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, MOBA: tl.constexpr, F: tl.constexpr, FP: tl.constexpr,
+    K1: tl.constexpr, SPAN: tl.constexpr, SINK: tl.constexpr, CC: tl.constexpr, W: tl.constexpr, BN: tl.constexpr,
+):
+    # fmt: on
+    i_t = tl.program_id(0)
+    i_bk = tl.program_id(1).to(tl.int64)  # b * HKV + kv head
+    i_b, i_kh = i_bk // HKV, i_bk % HKV
+    o_m = tl.arange(0, M)  # [M]
+    o_g = o_m // QT  # query head within the group
+    o_n = i_t * QT + o_m % QT  # query block
+    m_row = (o_g < G) & (o_n < NQ)
+    o_row = (i_b * HQ + i_kh * G + o_g) * NQ + o_n  # [M] int64 row of [B, Hq, NQ]
+    first = o_n * BLOCK_Q + (LKV - LQ)  # [M] key position of the block's first row
+    last = tl.minimum((o_n + 1) * BLOCK_Q, LQ) - 1 + (LKV - LQ)
+    o_c = tl.arange(0, CC)  # [CC]
+    b_cid = tl.full([M, CC], -1, tl.int32)  # kept coarse ids, columns < K1
+    if K1 > 0:
+        o_d = tl.arange(0, DP)  # [DP]
+        m_d = o_d < D
+        b_q = tl.load(p_qp + o_row[:, None] * D + o_d[None, :], mask=m_row[:, None] & m_d[None, :], other=0.0)  # [M, DP]
+        n_past = tl.where(m_row, first // MOBA, 0)  # [M] blocks ending before the first row
+        n_hi = tl.max(n_past, 0)
+        b_v = tl.full([M, CC], float("-inf"), tl.float32)
+        p_kr = p_kp + i_bk * NKM * D
+        o_j = tl.arange(0, BN)  # [BN]
+        for j0 in range(0, n_hi, BN):
+            o_key = j0 + o_j  # [BN]
+            b_k = tl.load(
+                p_kr + o_key[:, None] * D + o_d[None, :], mask=(o_key[:, None] < n_hi) & m_d[None, :], other=0.0
+            )  # [BN, DP]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BN]
+            b_s = tl.where(o_key[None, :] < n_past[:, None], b_s, float("-inf"))
+            thr = tl.min(tl.where(o_c[None, :] < K1, b_v, float("inf")), 1)  # [M] current K1-th score
+            if tl.max(tl.max((b_s > thr[:, None]).to(tl.int32), 1), 0) > 0:  # some score enters a top list
+                b_v, b_cid = _merge_top(b_v, b_cid, b_s, o_key, o_c, K1)
+    own_lo, own_hi = first // MOBA, last // MOBA  # [M]
+    o_s = o_c[None, :] - K1  # [1, CC] column within the own span
+    b_own = own_lo[:, None] + o_s  # [M, CC]
+    m_own = (o_s >= 0) & (o_s < SPAN) & (b_own <= own_hi[:, None]) & (b_own >= SINK)
+    b_cid = tl.where(b_cid >= SINK, b_cid, -1)  # a chosen sink is kept once, as a sink
+    b_cid = tl.where(m_own, b_own, b_cid)
+    o_z = o_c[None, :] - K1 - SPAN  # [1, CC] sink id
+    b_cid = tl.where((o_z >= 0) & (o_z < SINK), o_z, b_cid)
+    b_cid = tl.sort(tl.where(b_cid >= 0, b_cid, NKM), 1)  # ascending, unused slots (NKM) last
+    o_f = tl.arange(0, FP)  # [FP]
+    b_fine = b_cid[:, :, None] * F + o_f[None, None, :]  # [M, CC, FP]
+    limit = tl.minimum(NK - 1, last // BLOCK_K)  # [M] last visible key block
+    m_f = o_f[None, None, :] < F
+    m_ok = m_f & (b_fine <= limit[:, None, None])
+    o_pos = o_c[None, :, None] * F + o_f[None, None, :]  # [1, CC, FP] output slot
+    p_o = p_idx + o_row[:, None, None] * W + o_pos
+    tl.store(p_o, tl.where(m_ok, b_fine, -1), mask=m_f & (o_pos < W) & m_row[:, None, None])
+    tl.store(p_cnt + o_row, tl.sum(tl.sum(m_ok.to(tl.int32), 2), 1), mask=m_row)
+
+
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name} is on {t.device}: the Triton MoBA gate needs CUDA tensors (or TRITON_INTERPRET=1); use backend='torch'"
+        )
+
+
+def mean_pool_triton(x: torch.Tensor, block: int) -> torch.Tensor:
+    """:func:`blocksieve.select.pool.mean_pool` in one pass: ``[B, H, L, D]`` (any strides) → ``[B, H, NB, D]`` fp32."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, H, L, D], got shape {tuple(x.shape)}")
+    if block <= 0:
+        raise ValueError(f"block must be a positive int, got {block}")
+    _check_device(x, "x")
+    b, h, length, d = x.shape
+    nb = math.ceil(length / block)
+    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
+    if out.numel():
+        grid = (nb, b * h)
+        rb = min(POOL_ROWS, next_pow2(block))
+        _mean_pool_kernel[grid](x, out, *x.stride(), h, length, nb, BLOCK=block, RB=rb, D=d, DP=next_pow2(d), num_warps=8)
+    return out
+
+
+def moba_layout(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    moba_block: int,
+    top_k: int,
+    block_q: int,
+    block_k: int,
+    sink_blocks: int = 0,
+    out: tuple | None = None,
+) -> BlockLayout:
+    """MoBA's causal BlockLayout in three kernel launches (pool q, pool k, gate; module docstring), per query head.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` queries, any float dtype and strides.
+        k: ``[B, Hkv, Lkv, D]`` gate keys (after MoBA's key conv, if any); ``Hq % Hkv == 0``,
+            ``Lq <= Lkv`` (queries right-aligned to the keys).
+        moba_block, top_k, block_q, block_k, sink_blocks: as in :class:`~blocksieve.methods.moba.MoBAConfig`.
+        out: optional ``(indices int32 [B, Hq, NQ, W], counts int32 [B, Hq, NQ])`` contiguous
+            buffers to write into (reused buffers, or pre-filled ones in tests).
+
+    Returns:
+        BlockLayout with ``indices [B, Hq, NQ, W]``, ``W = (min(top_k - 1, NKm) + span + sink_blocks) · F``,
+        ``F = moba_block // block_k``, ``span = ceil((block_q - 1) / moba_block) + 1``,
+        ``NKm = ceil(Lkv / moba_block)``: the PyTorch path's layout (up to ties in the gate).
+
+    Example:
+        >>> lay = moba_layout(q, k, moba_block=512, top_k=3, block_q=64, block_k=128)
+    """
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor [B, H, L, D], got {getattr(t, 'shape', type(t).__name__)}")
+        _check_device(t, name)
+    b, hq, lq, d = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    if k.device != q.device:
+        raise ValueError(f"q is on {q.device}, k on {k.device}: move them to one device")
+    if k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and head dim")
+    if hq % hkv:
+        raise ValueError(f"k has {hkv} heads, q has {hq}: Hq must be a multiple of Hkv")
+    if not 0 < lq <= lkv:
+        raise ValueError(f"q has {lq} rows and k {lkv}: MoBA right-aligns queries to keys, so 0 < Lq <= Lkv is needed")
+    if top_k < 1 or sink_blocks < 0 or min(moba_block, block_q, block_k) <= 0:
+        raise ValueError(
+            f"need top_k >= 1, sink_blocks >= 0 and positive blocks; got top_k={top_k}, sink_blocks={sink_blocks}, "
+            f"moba_block={moba_block}, block_q={block_q}, block_k={block_k}"
+        )
+    if moba_block % block_k:
+        raise ValueError(f"moba_block={moba_block} must be a multiple of block_k={block_k}")
+    g = hq // hkv
+    nq, nk, nkm = math.ceil(lq / block_q), math.ceil(lkv / block_k), math.ceil(lkv / moba_block)
+    f = moba_block // block_k
+    span = math.ceil((block_q - 1) / moba_block) + 1
+    k1 = min(top_k - 1, nkm)
+    width = (k1 + span + sink_blocks) * f
+    if out is None:
+        idx = torch.empty(b, hq, nq, width, dtype=torch.int32, device=q.device)
+        cnt = torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)
+    else:
+        idx, cnt = out
+        if (
+            tuple(idx.shape) != (b, hq, nq, width)
+            or tuple(cnt.shape) != (b, hq, nq)
+            or idx.dtype != torch.int32
+            or cnt.dtype != torch.int32
+            or not (idx.is_contiguous() and cnt.is_contiguous())
+            or idx.device != q.device
+            or cnt.device != q.device
+        ):
+            raise ValueError(
+                f"out must be contiguous int32 tensors of shapes {(b, hq, nq, width)} and {(b, hq, nq)} on {q.device}; "
+                f"got {idx.dtype} {tuple(idx.shape)} and {cnt.dtype} {tuple(cnt.shape)}"
+            )
+    qp = mean_pool_triton(q, block_q) if k1 > 0 else cnt  # the kernel reads no query without a top-k
+    kp = mean_pool_triton(k, moba_block) if k1 > 0 else cnt
+    qt = max(1, ROWS // g)
+    dp = max(16, next_pow2(d))
+    # fmt: off
+    _moba_gate_kernel[(math.ceil(nq / qt), b * hkv)](
+        qp, kp, idx, cnt, hq, hkv, nq, nkm, nk, lq, lkv,
+        G=g, QT=qt, M=max(16, next_pow2(g * qt)), D=d, DP=dp,
+        BLOCK_Q=block_q, BLOCK_K=block_k, MOBA=moba_block, F=f, FP=next_pow2(f),
+        K1=k1, SPAN=span, SINK=sink_blocks, CC=max(2, next_pow2(k1 + span + sink_blocks)), W=width, BN=BN if dp <= 128 else BN // 2,
+    )
+    # fmt: on
+    return BlockLayout(idx, cnt, block_q, block_k, lq, lkv, True)

@@ -1,0 +1,134 @@
+"""Last-rows column / diagonal sums: Triton kernel against the materialised probabilities (CPU via TRITON_INTERPRET, or CUDA)."""
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
+
+import pytest
+
+import blocksieve
+from blocksieve.ops.alloc import poisoned_outputs
+from blocksieve.ops.last_rows_stats import kernel_supports, last_rows_sums_triton
+from blocksieve.select.choose import vertical_slash_layout
+from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
+from tests.helpers import qkv
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+
+
+def golden_sums(q, k, rows):
+    """fp64 column and diagonal sums by explicit loops over the last rows."""
+    b, hq, lq, d = q.shape
+    lkv, g = k.shape[2], hq // k.shape[1]
+    cols = torch.zeros(b, hq, lkv, dtype=torch.float64)
+    diags = torch.zeros_like(cols)
+    for t in range(lq - min(rows, lq), lq):
+        pos = lkv - lq + t
+        s = q[:, :, t].double()[:, :, None, :] @ k[:, :, : pos + 1].double().repeat_interleave(g, 1).transpose(-1, -2)
+        p = torch.softmax(s[:, :, 0] / d**0.5, -1).cpu()  # [B, Hq, pos + 1]
+        cols[..., : pos + 1] += p
+        diags[..., : pos + 1] += p.flip(-1)
+    return cols, diags
+
+
+CASES = [
+    pytest.param(130, 130, 64, 64, torch.float16, id="L130-R64-D64-fp16"),
+    pytest.param(300, 300, 16, 128, torch.bfloat16, id="L300-R16-D128-bf16"),
+    pytest.param(70, 300, 64, 64, torch.float32, id="Lq70-Lkv300-R64-fp32"),
+    pytest.param(40, 130, 128, 80, torch.bfloat16, id="Lq40-Lkv130-R128>Lq-D80-bf16"),
+    pytest.param(130, 130, 128, 8, torch.float32, id="L130-R128-D8-fp32"),
+]
+
+
+@pytest.mark.parametrize("lq,lkv,rows,d,dtype", CASES)
+def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
+    q, k, _ = qkv(1, 4, 2, lq, lkv, d, dtype=dtype, device=DEVICE)
+    k[:, :, 3] *= 3  # a sink column and uneven mass
+    with poisoned_outputs():
+        cols, diags = last_rows_sums_triton(q, k, rows, d**-0.5)
+    probs = last_rows_probs(q, k, rows, d**-0.5)
+    ref_cols, ref_diags = probs.sum(2), slash_sums(probs, lq, lkv)
+    gold_cols, gold_diags = golden_sums(q, k, rows)
+    r = min(rows, lq)
+    for got, ref, gold in ((cols, ref_cols, gold_cols), (diags, ref_diags, gold_diags)):
+        assert got.shape == (1, 4, lkv) and got.dtype == torch.float32
+        assert torch.isfinite(got).all()
+        ref_err = (ref.double().cpu() - gold).abs().max().item()
+        assert (got.double().cpu() - gold).abs().max().item() <= 2 * ref_err + 1e-6 * r
+    assert torch.allclose(cols.sum(-1).cpu(), torch.full((1, 4), float(r)), rtol=1e-5)
+    with poisoned_outputs():
+        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False)
+    assert none is None and torch.equal(only_cols, cols)
+
+
+def test_row_stats_over_several_key_spans(monkeypatch):
+    monkeypatch.setattr("blocksieve.ops.last_rows_stats.sm_count", lambda t: 1)  # 3 key tiles per pass-1 program
+    q, k, _ = qkv(2, 4, 2, 90, 300, 32, dtype=torch.float16, device=DEVICE)
+    k[:, :, 250] *= 4  # the row maxima sit in the second span
+    with poisoned_outputs():
+        cols, diags = last_rows_sums_triton(q, k, 32, 32**-0.5)
+    probs = last_rows_probs(q, k, 32, 32**-0.5)
+    assert torch.allclose(cols, probs.sum(2), atol=1e-5)
+    assert torch.allclose(diags, slash_sums(probs, 90, 300), atol=1e-5)
+
+
+def test_dispatch_and_errors():
+    q, k, _ = qkv(1, 4, 2, 20, 40, 16, device=DEVICE)
+    want = last_rows_sums(q, k, 8, 0.25, backend="torch")
+    got = last_rows_sums(q, k, 8, 0.25, backend="triton")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    assert torch.allclose(last_rows_column_sums(q, k, 8, 0.25, backend="triton"), want[0], atol=1e-6)
+    assert kernel_supports(q, k, 8) and not kernel_supports(q.double(), k.double(), 8) and not kernel_supports(q, k[:, :, :10], 8)
+    with pytest.raises(ValueError, match="backend"):
+        last_rows_sums(q, k, 8, 0.25, backend="cuda")
+    with pytest.raises(ValueError, match="Hq must be a multiple"):
+        last_rows_sums_triton(q[:, :3], k, 8, 0.25)
+    with pytest.raises(ValueError, match="Lq <= Lkv"):
+        last_rows_sums_triton(k.repeat(1, 2, 1, 1), q[:, :, :10], 8, 0.25)
+    with pytest.raises(ValueError, match="rows=300"):
+        last_rows_sums_triton(q.repeat(1, 1, 20, 1), k.repeat(1, 1, 20, 1), 300, 0.25)
+
+
+VS_CFG = {"vertical_size": 6, "slash_size": 5, "last_q": 16, "sink_columns": 2, "local_slashes": 2, "block_q": 16, "block_k": 8}
+
+
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("vertical_slash", VS_CFG),
+        ("flexprefill", {"block": 16, "gamma": 0.7, "tau": 0.0}),
+        ("pbs", {"segment": 32, "block": 16, "last_q": 16, "tau": 0.8}),
+    ],
+    ids=["vertical_slash", "flexprefill-all-vs", "pbs"],
+)
+def test_methods_select_the_same_with_the_kernel(name, cfg):
+    q, k, _ = qkv(1, 4, 2, 100, 140, 16, device=DEVICE)
+    q = 0.3 * q + 2.5 * k.repeat_interleave(2, 1).roll(37, 2)[:, :, 40:]  # query at position p ~ key p - 37: a clear slash
+    ref = blocksieve.method(name, backend="torch", **cfg).select(q, k)
+    assert 0.05 < ref.density() < 0.95  # a real selection, neither empty nor everything
+    got = blocksieve.method(name, backend="triton", **cfg).select(q, k)
+    assert torch.equal(got.to_block_mask(), ref.to_block_mask())
+    with pytest.raises(ValueError, match="backend"):
+        blocksieve.method(name, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "lq,lkv,bq,bk,width,p",
+    [
+        pytest.param(100, 100, 16, 16, None, 0.05, id="L100-bq16-bk16"),
+        pytest.param(70, 150, 16, 8, None, 0.02, id="Lq70-Lkv150-bq16-bk8"),
+        pytest.param(130, 300, 32, 64, None, 0.01, id="Lq130-Lkv300-bq32-bk64"),
+        pytest.param(300, 300, 64, 16, 5, 0.05, id="L300-bq64-bk16-width5"),
+        pytest.param(300, 300, 16, 16, None, 0.01, id="L300-bq16-bk16-tiles16"),
+    ],
+)
+def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, bk, width, p):
+    monkeypatch.setattr("blocksieve.ops.last_rows_stats.LAYOUT_TILE", 16)  # several key-block tiles per row
+    cols, slashes = torch.rand(2, 3, lkv, device=DEVICE) < p, torch.rand(2, 3, lkv, device=DEVICE) < p
+    slashes[0, 0] = False  # a head with columns only
+    cols[1, 2] = False
+    got = vertical_slash_layout(cols, slashes, bq, bk, lq, lkv, width, backend="triton")  # first: fresh memory
+    want = vertical_slash_layout(cols, slashes, bq, bk, lq, lkv, width, backend="torch")
+    assert 0.0 < want.density() < 1.0
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
+    got.validate()
