@@ -81,6 +81,11 @@ class PBS(SparseMethod):
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
         """``(perm [B, Hkv, Lkv], permuted layout (causal=False, H=Hq), own-segment layout (causal, H=Hkv))``."""
+        perm, _, permuted, diag = self._plan(q, k)
+        return perm, permuted, diag
+
+    def _plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """:meth:`plan` plus the permuted keys it scored, ``(perm, k_perm, permuted, diag)``."""
         c = self.config
         b, hq, lq, d = q.shape
         hkv, lkv = k.shape[1], k.shape[2]
@@ -89,10 +94,11 @@ class PBS(SparseMethod):
         perm = segment_sort(importance, c.segment if c.permute else lkv + 1)
         seg0 = segment_start(c.block, lq, lkv, c.segment, q.device)  # [NQ]
         sink = (invert_permutation(perm)[..., 0] // c.block).repeat_interleave(hq // hkv, 1)  # [B, Hq] permuted block of token 0
+        k_perm = apply_permutation(k, perm)
         if self._kernel(q, -(-lkv // c.block)):
-            permuted = self._permuted_rows(q, apply_permutation(k, perm), seg0, sink)
+            permuted = self._permuted_rows(q, k_perm, seg0, sink)
         else:
-            qp, kp = mean_pool(q, c.block), mean_pool(apply_permutation(k, perm), c.block)
+            qp, kp = mean_pool(q, c.block), mean_pool(k_perm, c.block)
             nk = kp.shape[2]
             earlier = (torch.arange(nk, device=q.device) + 1)[None, :] * c.block <= seg0[:, None]  # [NQ, NK]
             sink = sink[:, :, None, None] == torch.arange(nk, device=q.device)
@@ -104,7 +110,7 @@ class PBS(SparseMethod):
             permuted = chunked_layout(mask_fn, b, hq, c.block, c.block, lq, lkv, causal=False)
         own = own_segment_blocks(c.block, c.block, lq, lkv, c.segment, q.device)
         diag = BlockLayout.from_candidates(own.expand(b, hkv, *own.shape), c.block, c.block, lq, lkv, True)
-        return perm, permuted, diag
+        return perm, k_perm, permuted, diag
 
     def _kernel(self, q: torch.Tensor, num_k_blocks: int) -> bool:
         """Whether :meth:`plan` writes the permuted rows with :mod:`blocksieve.ops.cumulative_select`."""
@@ -149,8 +155,8 @@ class PBS(SparseMethod):
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False):
         """Attend over the permuted K/V (earlier segments) and the own segment, merged by LSE."""
-        perm, permuted, diag = self.plan(q, k)
-        o1, l1 = attend(q, apply_permutation(k, perm), apply_permutation(v, perm), permuted, scale=scale, return_lse=True)
+        perm, k_perm, permuted, diag = self._plan(q, k)
+        o1, l1 = attend(q, k_perm, apply_permutation(v, perm), permuted, scale=scale, return_lse=True)
         o2, l2 = attend(q, k, v, diag, scale=scale, return_lse=True)
         out, lse = merge(o1, l1, o2, l2)
         return (out, lse) if return_lse else out
