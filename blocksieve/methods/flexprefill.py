@@ -33,7 +33,7 @@ from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
 from blocksieve.select.choose import chunked_layout, cumulative_mask, vertical_slash_block_mask, vertical_slash_layout
 from blocksieve.select.force import diagonal_blocks
-from blocksieve.select.pool import mean_pool
+from blocksieve.select.pool import block_mean, mean_pool
 from blocksieve.select.score import LAST_ROWS_BACKENDS, grouped_dot, last_rows_sums, masked_softmax
 
 
@@ -129,13 +129,13 @@ class FlexPrefill(SparseMethod):
 
     def _select_rows(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         """:meth:`select`'s layout from the row-writing kernels: both patterns for every head, then a per-head pick."""
-        from blocksieve.ops.cumulative_select import block_means, causal_limit, cumulative_select_chunked
+        from blocksieve.ops.cumulative_select import causal_limit, cumulative_select_chunked
 
         c = self.config
         b, hq, lq, d = q.shape
         lkv = k.shape[2]
         nq, nk = -(-lq // c.block), -(-lkv // c.block)
-        qp, kp = block_means(q, c.block), block_means(k, c.block)
+        qp, kp = block_mean(q, c.block), block_mean(k, c.block)
         use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
         cols = cumulative_mask(col_sums, c.gamma)
         slashes = cumulative_mask(diag_sums, c.gamma)

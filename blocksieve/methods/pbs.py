@@ -42,7 +42,7 @@ from blocksieve.methods.registry import register
 from blocksieve.ops import attend, merge
 from blocksieve.select.choose import chunked_layout, cumulative_mask, expand_block_ids
 from blocksieve.select.force import own_segment_blocks, segment_start
-from blocksieve.select.pool import mean_pool
+from blocksieve.select.pool import block_mean, mean_pool
 from blocksieve.select.reorder import apply_permutation, invert_permutation, segment_sort
 from blocksieve.select.score import LAST_ROWS_BACKENDS, grouped_dot, last_rows_column_sums, masked_softmax
 
@@ -122,12 +122,12 @@ class PBS(SparseMethod):
 
     def _permuted_rows(self, q: torch.Tensor, k_perm: torch.Tensor, seg0: torch.Tensor, sink: torch.Tensor) -> BlockLayout:
         """The permuted layout from the kernel: row ``n`` chooses among the ``seg0[n] / block`` blocks before its segment."""
-        from blocksieve.ops.cumulative_select import block_means, cumulative_select_chunked
+        from blocksieve.ops.cumulative_select import cumulative_select_chunked
 
         c = self.config
         b, hq, lq, d = q.shape
         lkv = k_perm.shape[2]
-        qp, kp = block_means(q, c.block), block_means(k_perm, c.block)
+        qp, kp = block_mean(q, c.block), block_mean(k_perm, c.block)
         ids, counts = cumulative_select_chunked(
             lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, d**-0.5), b, hq, qp.shape[2], kp.shape[2], c.tau,
             limit=seg0 // c.block, forced=sink[:, :, None, None],

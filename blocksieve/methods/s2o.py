@@ -40,6 +40,7 @@ from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
 from blocksieve.select.choose import CHUNK_ELEMENTS
 from blocksieve.select.force import own_segment_blocks, segment_start
+from blocksieve.select.pool import block_mean
 from blocksieve.select.score import block_logsumexp, grouped_dot
 
 
@@ -53,23 +54,6 @@ class S2OConfig:
     rank: str = "mean"
     rank_rows: int = 4
     backend: str = "auto"
-
-
-def segment_mean(x: torch.Tensor, block: int, off: int = 0) -> torch.Tensor:
-    """Mean of each block of ``block`` rows of ``x [B, H, L, D]`` after ``off`` zero rows in front, ``[B, H, NB, D]`` fp32.
-
-    The ``off`` zero rows count in the first block's mean, a partial last block averages its real
-    rows (as :func:`blocksieve.select.pool.mean_pool` of the padded input). Sums in fp32 straight
-    from ``x``'s dtype: no fp32 copy, and no copy at all when ``off + L`` is a multiple of ``block``.
-    """
-    length = x.shape[2]
-    nb = -(-(length + off) // block)
-    tail = nb * block - length - off
-    xp = x if off == 0 and tail == 0 else torch.nn.functional.pad(x, (0, 0, off, tail))
-    total = xp.unflatten(2, (nb, block)).sum(3, dtype=torch.float32)
-    if tail == 0:
-        return total.div_(block)
-    return torch.cat([total[:, :, :-1] / block, total[:, :, -1:] / (block - tail)], 2)
 
 
 def segment_order_torch(
@@ -164,9 +148,9 @@ class S2O(SparseMethod):
         off = (lkv - lq) % c.segment
         if c.rank == "sample":
             return sampled_block_logmass(q, k, c.segment, c.rank_rows, c.block_k, off)
-        qs = segment_mean(q, c.segment, off)  # [B, Hq, NS, D]
+        qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
-            return grouped_dot(qs, segment_mean(k, c.block_k))
+            return grouped_dot(qs, block_mean(k, c.block_k))
         return block_logsumexp(qs, k, c.block_k, d**-0.5)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:

@@ -92,22 +92,6 @@ def causal_limit(block_q: int, block_k: int, q_len: int, kv_len: int, device=Non
     return torch.clamp(causal_last_key(block_q, q_len, kv_len, device) // block_k + 1, max=nk).to(torch.int32)
 
 
-def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """:func:`blocksieve.select.pool.mean_pool` without an fp32 copy of ``x``: ``[B, H, L, D]`` → ``[B, H, NB, D]`` fp32.
-
-    The block sums accumulate in fp32 inside the reduction (``sum(dtype=float32)``) over views of
-    ``x``, so a bf16 ``q`` is read once instead of being copied to fp32 and padded first; a last,
-    partial block is averaged over its real rows.
-    """
-    length = x.shape[2]
-    full = length // block
-    means = x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32) / block
-    if length % block == 0:
-        return means
-    tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (length % block)
-    return torch.cat([means, tail], 2)
-
-
 def kernel_supports(num_k_blocks: int) -> bool:
     """Whether the kernel takes rows of ``num_k_blocks`` entries (the device aside)."""
     return 0 < num_k_blocks <= MAX_KEY_BLOCKS

@@ -30,6 +30,27 @@ def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     return xp.sum(3) / valid.sum(1).clamp_min(1)[:, None].to(xp.dtype)
 
 
+def block_mean(x: torch.Tensor, block: int, off: int = 0) -> torch.Tensor:
+    """:func:`mean_pool` (of ``x`` after ``off`` zero rows in front) without an fp32 copy of ``x``.
+
+    ``[B, H, L, D]`` → ``[B, H, NB, D]`` fp32: block sums accumulate in fp32 inside the reduction
+    (``sum(dtype=float32)``) over views of ``x``, so a bf16 ``q`` is read once; ``x`` is copied only
+    when ``off > 0``. The ``off`` zero rows count in the first block's mean; a last, partial block
+    is averaged over its real rows. The selectors' GPU paths use it on long inputs.
+    """
+    if block <= 0:
+        raise ValueError(f"block must be a positive int, got {block}")
+    if off:
+        x = F.pad(x, (0, 0, off, 0))
+    length = x.shape[2]
+    full = length // block
+    means = x[:, :, : full * block].unflatten(2, (full, block)).sum(3, dtype=torch.float32) / block
+    if length == full * block:
+        return means
+    tail = x[:, :, full * block :].sum(2, keepdim=True, dtype=torch.float32) / (length - full * block)
+    return torch.cat([means, tail], 2)
+
+
 def max_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Channel-wise maximum of each block: ``[B, H, L, D]`` → ``[B, H, NB, D]`` fp32."""
     return _blocked(x, block, fill=float("-inf"))[0].amax(3)

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import blocksieve
-from blocksieve.methods.s2o import segment_mean
 from blocksieve.ops.reference import reference_attention
-from blocksieve.select.pool import mean_pool
+from blocksieve.select.pool import block_mean, mean_pool
 from tests.helpers import qkv
 
 
@@ -118,10 +117,10 @@ def test_s2o_rejects_bad_config():
 
 
 @pytest.mark.parametrize("length,block,off", [(96, 32, 0), (90, 32, 0), (90, 32, 20), (100, 32, 28)])
-def test_segment_mean_equals_mean_pool_of_padded_input(length, block, off):
+def test_block_mean_equals_mean_pool_of_padded_input(length, block, off):
     x = torch.randn(2, 3, length, 8).to(torch.bfloat16)
     want = mean_pool(torch.nn.functional.pad(x, (0, 0, off, 0)), block)
-    assert torch.allclose(segment_mean(x, block, off), want, atol=1e-6)
+    assert torch.allclose(block_mean(x, block, off), want, atol=1e-6)
 
 
 def test_s2o_ranking_breaks_ties_by_lower_block_id():

@@ -8,9 +8,9 @@ import pytest
 
 from blocksieve.layout import causal_block_mask
 from blocksieve.ops import cumulative_select as cs
-from blocksieve.ops.cumulative_select import block_means, causal_limit, cumulative_select, cumulative_select_chunked
+from blocksieve.ops.cumulative_select import causal_limit, cumulative_select, cumulative_select_chunked
 from blocksieve.select.choose import compact_ids, cumulative_mask
-from blocksieve.select.pool import mean_pool
+from blocksieve.select.pool import block_mean, mean_pool
 from blocksieve.select.score import masked_softmax
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -115,10 +115,10 @@ def test_chunks_write_their_own_rows(poisoned, monkeypatch):
 
 
 @pytest.mark.parametrize("length", [96, 100, 10])
-def test_block_means_equals_mean_pool(length):
+def test_block_mean_equals_mean_pool(length):
     x = torch.randn(2, 3, length, 8, device=DEVICE)
-    assert torch.allclose(block_means(x, 16), mean_pool(x, 16), atol=1e-6)
-    assert torch.allclose(block_means(x.bfloat16(), 16), mean_pool(x.bfloat16(), 16), atol=1e-6)
+    assert torch.allclose(block_mean(x, 16), mean_pool(x, 16), atol=1e-6)
+    assert torch.allclose(block_mean(x.bfloat16(), 16), mean_pool(x.bfloat16(), 16), atol=1e-6)
 
 
 def test_errors():
