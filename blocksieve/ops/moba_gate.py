@@ -7,11 +7,11 @@ cut at the causal limit), without the ``[B, Hq, NQ, NKm]`` gate tensor, the top-
 sorts of :meth:`~blocksieve.layout.BlockLayout.from_candidates`, and without host synchronisation
 (CUDA-graph capturable).
 
-Two kernels:
+The block means of q (``block_q``) and k (``moba_block``) come from
+:func:`blocksieve.select.pool.block_mean` (a PyTorch reduction accumulating in fp32; on an H200 it
+reads bf16 q at 2.7-3.2 TB/s, faster than each Triton pooling kernel we timed, see
+``benchmarks/selection_profile.py``), then one kernel:
 
-* ``_mean_pool_kernel`` — one program per (block, batch·head): fp32 mean of the block's rows
-  (a partial last block averages its real rows only), for the queries (``block_q``) and the keys
-  (``moba_block``); any strides.
 * ``_moba_gate_kernel`` — one program per (tile of query blocks, batch·KV head). Its ``M`` rows are
   the ``G`` query heads of the KV group times ``QT`` query blocks, so each chunk of ``BN`` pooled
   keys is loaded once for all of them. Per chunk: ``[M, BN]`` scores by one fp32 ``tl.dot``
@@ -37,40 +37,14 @@ import triton.language as tl
 
 from blocksieve.layout import BlockLayout
 from blocksieve.ops._triton_utils import interpreting, next_pow2
+from blocksieve.select.pool import block_mean
 
-__all__ = ["mean_pool_triton", "moba_layout"]
+__all__ = ["moba_layout"]
 
 ROWS = 32
 """Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
 BN = 64
 """Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
-POOL_ROWS = 64
-"""Rows loaded per step of the pooling kernel."""
-
-
-# fmt: off
-@triton.jit
-def _mean_pool_kernel(
-    p_x, p_out, s_xb, s_xh, s_xl, s_xd, H, L, NB,
-    BLOCK: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-):
-    # fmt: on
-    i_nb = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // H, i_bh % H
-    o_r = tl.arange(0, RB)  # [RB]
-    o_d = tl.arange(0, DP)  # [DP]
-    m_d = o_d < D
-    row0 = i_nb * BLOCK
-    p_xr = p_x + i_b * s_xb + i_h * s_xh + o_d[None, :].to(tl.int64) * s_xd
-    b_acc = tl.zeros([RB, DP], dtype=tl.float32)
-    for r0 in range(0, BLOCK, RB):
-        o_row = row0 + r0 + o_r  # [RB]
-        m_r = (r0 + o_r < BLOCK) & (o_row < L)
-        b_x = tl.load(p_xr + o_row[:, None].to(tl.int64) * s_xl, mask=m_r[:, None] & m_d[None, :], other=0.0)  # [RB, DP]
-        b_acc += b_x.to(tl.float32)
-    n_real = tl.minimum(L - row0, BLOCK).to(tl.float32)
-    tl.store(p_out + (i_bh * NB + i_nb) * D + o_d, tl.sum(b_acc, 0) / n_real, mask=m_d)
 
 
 @triton.jit
@@ -161,23 +135,6 @@ def _check_device(t: torch.Tensor, name: str) -> None:
         )
 
 
-def mean_pool_triton(x: torch.Tensor, block: int) -> torch.Tensor:
-    """:func:`blocksieve.select.pool.mean_pool` in one pass: ``[B, H, L, D]`` (any strides) → ``[B, H, NB, D]`` fp32."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be [B, H, L, D], got shape {tuple(x.shape)}")
-    if block <= 0:
-        raise ValueError(f"block must be a positive int, got {block}")
-    _check_device(x, "x")
-    b, h, length, d = x.shape
-    nb = math.ceil(length / block)
-    out = torch.empty(b, h, nb, d, dtype=torch.float32, device=x.device)
-    if out.numel():
-        grid = (nb, b * h)
-        rb = min(POOL_ROWS, next_pow2(block))
-        _mean_pool_kernel[grid](x, out, *x.stride(), h, length, nb, BLOCK=block, RB=rb, D=d, DP=next_pow2(d), num_warps=8)
-    return out
-
-
 def moba_layout(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +146,7 @@ def moba_layout(
     sink_blocks: int = 0,
     out: tuple | None = None,
 ) -> BlockLayout:
-    """MoBA's causal BlockLayout in three kernel launches (pool q, pool k, gate; module docstring), per query head.
+    """MoBA's causal BlockLayout: pool q, pool k, one gate kernel (module docstring), per query head.
 
     Args:
         q: ``[B, Hq, Lq, D]`` queries, any float dtype and strides.
@@ -252,8 +209,8 @@ def moba_layout(
                 f"out must be contiguous int32 tensors of shapes {(b, hq, nq, width)} and {(b, hq, nq)} on {q.device}; "
                 f"got {idx.dtype} {tuple(idx.shape)} and {cnt.dtype} {tuple(cnt.shape)}"
             )
-    qp = mean_pool_triton(q, block_q) if k1 > 0 else cnt  # the kernel reads no query without a top-k
-    kp = mean_pool_triton(k, moba_block) if k1 > 0 else cnt
+    qp = block_mean(q, block_q) if k1 > 0 else cnt  # the kernel reads no query without a top-k
+    kp = block_mean(k, moba_block) if k1 > 0 else cnt
     qt = max(1, ROWS // g)
     dp = max(16, next_pow2(d))
     # fmt: off
