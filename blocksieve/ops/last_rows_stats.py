@@ -7,9 +7,10 @@ causal: keys ``<= pos(t)``). They need only two reductions of ``p``:
 * column sums ``cols[b, h, j] = Σ_t p[t, j]`` (``p.sum(2)``);
 * diagonal sums ``diags[b, h, d] = Σ_t p[t, pos(t) - d]`` (:func:`blocksieve.select.score.slash_sums`).
 
-Two passes over the keys, both a program per (tile of ``BLOCK_N`` keys, KV head) that loads the key
-tile once and loops over the KV group's ``G`` query heads, each holding its ``R <= BLOCK_R`` rows of
-``q`` (query head ``h`` reads KV head ``h // G``):
+Two passes over the keys, both a program per (span of ``BLOCK_N``-key tiles, KV head) that loops over
+the KV group's ``G`` query heads, each holding its ``R <= BLOCK_R`` rows of ``q`` (query head ``h``
+reads KV head ``h // G``) while the span's key tiles stream past (about four programs per SM; a
+span's tiles stay in L2 across the heads):
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
    head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
@@ -95,11 +96,11 @@ def _row_stats_kernel(
 def _sums_kernel(
     Q, K, M, L, COLS, BANDS,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-    q_len, kv_len, rows, num_kv_heads, group, n_tiles, qk_scale,
+    q_len, kv_len, rows, num_kv_heads, group, n_tiles, tiles_per_span, qk_scale,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
     DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    i_t = tl.program_id(0)
+    i_s = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // num_kv_heads
     i_kh = i_bk % num_kv_heads
@@ -110,11 +111,7 @@ def _sums_kernel(
     m_d = o_d < D
     o_pos = kv_len - rows + o_r  # [BR]
     o_q = (q_len - rows + o_r).to(tl.int64)
-    o_key = i_t * BLOCK_N + o_c  # [BN]
-    m_key = o_key < kv_len
-    p_kt = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh + o_key.to(tl.int64)[:, None] * stride_kl
-    b_k = mma_operand(tl.load(p_kt + o_d[None, :], mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
-    m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BR, BN]
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
     for g in range(group):
         i_h = i_kh * group + g
         bh = (i_b * num_kv_heads * group + i_h).to(tl.int64)
@@ -122,18 +119,26 @@ def _sums_kernel(
         b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BR, BD]
         b_m = tl.load(M + bh * rows + o_r, mask=m_r, other=0.0)  # [BR]
         b_l = tl.load(L + bh * rows + o_r, mask=m_r, other=1.0)  # [BR]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
-        b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BR, BN]
-        tl.store(COLS + bh * kv_len + o_key, tl.sum(b_p, 0), mask=m_key)
-        if DIAGONALS:
-            # band offset e = (kv_len - 1 - first key of the tile) - d; row t meets it at column t + e - (rows - 1)
-            for c in tl.static_range(N_CHUNKS):
-                o_e = c * BLOCK_N + o_c  # [BN]
-                o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BR, BN]
-                m_col = (o_col >= 0) & (o_col < BLOCK_N)
-                b_g = tl.gather(b_p, tl.where(m_col, o_col, 0), 1)  # [BR, BN]
-                part = tl.sum(tl.where(m_col, b_g, 0.0), 0)  # [BN]
-                tl.store(BANDS + (bh * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e, part)
+        for t in range(tiles_per_span):
+            i_t = i_s * tiles_per_span + t
+            o_key = i_t * BLOCK_N + o_c  # [BN]
+            m_key = o_key < kv_len
+            p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
+            b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
+            m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BR, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BR, BN]
+            tl.store(COLS + bh * kv_len + o_key, tl.sum(b_p, 0), mask=m_key)
+            if DIAGONALS:
+                m_tile = o_key < n_tiles * BLOCK_N  # [BN]: the last span may run past the last tile
+                # band offset e = (kv_len - 1 - first key of the tile) - d; row t meets it at column t + e - (rows - 1)
+                for c in tl.static_range(N_CHUNKS):
+                    o_e = c * BLOCK_N + o_c  # [BN]
+                    o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BR, BN]
+                    m_col = (o_col >= 0) & (o_col < BLOCK_N)
+                    b_g = tl.gather(b_p, tl.where(m_col, o_col, 0), 1)  # [BR, BN]
+                    part = tl.sum(tl.where(m_col, b_g, 0.0), 0)  # [BN]
+                    tl.store(BANDS + (bh * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e, part, mask=m_tile)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, rows: int) -> None:
@@ -216,8 +221,8 @@ def last_rows_sums_triton(q: torch.Tensor, k: torch.Tensor, rows: int, scale: fl
     l_tot = (l_part * torch.exp2(m_part - m[:, :, None])).sum(2)
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
     bands = empty_output(b, hq, n_tiles, n_chunks, BLOCK_N, dtype=torch.float32, device=q.device) if diagonals else cols
-    _sums_kernel[(n_tiles, b * hkv)](
-        q, k, m.contiguous(), l_tot.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, qk_scale,
+    _sums_kernel[(n_span, b * hkv)](
+        q, k, m.contiguous(), l_tot.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, qk_scale,
         N_CHUNKS=n_chunks, DIAGONALS=diagonals, **meta,
     )  # fmt: skip
     return cols, (_add_bands(bands, lkv) if diagonals else None)

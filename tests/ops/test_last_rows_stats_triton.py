@@ -61,8 +61,9 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
     assert none is None and torch.equal(only_cols, cols)
 
 
-def test_row_stats_over_several_key_spans(monkeypatch):
-    monkeypatch.setattr("blocksieve.ops.last_rows_stats.sm_count", lambda t: 1)  # 3 key tiles per pass-1 program
+def test_both_passes_over_several_key_spans(monkeypatch):
+    # 5 key tiles, B·Hkv = 4, 2 "SMs": 3 tiles per program, so two spans and the second runs past the last tile
+    monkeypatch.setattr("blocksieve.ops.last_rows_stats.sm_count", lambda t: 2)
     q, k, _ = qkv(2, 4, 2, 90, 300, 32, dtype=torch.float16, device=DEVICE)
     k[:, :, 250] *= 4  # the row maxima sit in the second span
     with poisoned_outputs():
