@@ -2,8 +2,9 @@
 
 After S2O (ordered sparse attention with early stopping, 2025; the paper's body and code were not
 reachable, so this follows its description). Queries are split into segments of ``segment`` rows;
-each segment ranks the key blocks wholly before it by ``mean(q_seg) · mean(k_blk)`` and keeps the
-ranking as an index list (no data movement). Every query block of ``block_q`` rows first reads its
+each segment ranks the key blocks wholly before it by ``mean(q_seg) · mean(k_blk)`` (compared at 11
+mantissa bits, ties by lower block id: :func:`rank_key`) and keeps the ranking as an index list (no
+data movement). Every query block of ``block_q`` rows first reads its
 segment's own keys densely under the causal mask (seeding the running max and sum), then walks the
 ranked blocks from most to least important and stops once a block's share of the normaliser
 falls below ``tau`` for every row of the tile (:mod:`blocksieve.ops.early_stop`). The number of
@@ -56,13 +57,30 @@ class S2OConfig:
     backend: str = "auto"
 
 
+RANK_DROP_BITS = 12
+"""Low bits of a score's order-preserving int32 that the ranking ignores (11 mantissa bits are kept)."""
+
+
+def rank_key(s: torch.Tensor) -> torch.Tensor:
+    """Ranking key of fp32 scores ``[...]`` → int32 ``[...]``: the order of the scores at 11 mantissa bits.
+
+    The score's order-preserving int32 without its low 12 bits: scores with the same sign, exponent
+    and top 11 mantissa bits (at most 2⁻¹¹ relative apart) get one key and rank as ties, lower block
+    id first; ``-0.0`` equals ``+0.0``. It lets the Triton ranking sort int32 keys
+    ``(key << 12) | (4095 - id)`` instead of int64 ones; the ranking statistics are estimates far
+    coarser than 5e-4 anyway.
+    """
+    bits = s.float().masked_fill(s == 0, 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) >> RANK_DROP_BITS
+
+
 def segment_order_torch(
     s: torch.Tensor, segment: int, block_q: int, block_k: int, q_len: int, kv_len: int, sink_blocks: int
 ) -> tuple:
     """S2O's ``(order int32 [B, Hq, NQ, K], forced int32 [B, Hq, NQ])`` from segment scores ``s [B, Hq, NS, NK]`` fp32.
 
     Per segment, the past non-sink blocks (wholly before it) with a score ``> -inf`` by descending
-    score, ties by lower id (a stable sort); per query block the packed head (own segment blocks
+    :func:`rank_key`, ties by lower id (a stable sort); per query block the packed head (own segment blocks
     up to its last row, then sinks wholly before the segment) and right after it the ranked list
     of its segment, gathered in O(NQ · K); ``K = W + sink_blocks + NK``, -1 padded.
     """
@@ -72,8 +90,9 @@ def segment_order_torch(
     blk = torch.arange(nk, device=dev)
     seg_first = torch.arange(ns, device=dev) * segment + (kv_len - q_len - off)  # [NS] absolute
     out = ((blk[None, :] + 1) * block_k > seg_first[:, None]) | (blk < sink_blocks) | ~(s > float("-inf"))
-    vals, idx = s.masked_fill(out, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    ranked = torch.where(vals > float("-inf"), idx, -1).to(torch.int32)  # [B, Hq, NS, NK]
+    low = torch.iinfo(torch.int32).min
+    vals, idx = rank_key(s).masked_fill(out, low).sort(dim=-1, descending=True, stable=True)
+    ranked = torch.where(vals > low, idx, -1).to(torch.int32)  # [B, Hq, NS, NK]
     own = own_segment_blocks(block_q, block_k, q_len, kv_len, segment, dev)  # [NQ, W], valid prefix
     first = segment_start(block_q, q_len, kv_len, segment, dev)  # [NQ]
     n_own = (own >= 0).sum(-1)

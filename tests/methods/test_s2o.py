@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import blocksieve
+from blocksieve.methods.s2o import rank_key
 from blocksieve.ops.reference import reference_attention
 from blocksieve.select.pool import block_mean, mean_pool
 from tests.helpers import qkv
@@ -84,7 +85,8 @@ def test_s2o_ranking_matches_brute_force(rank):
                         score[j] += float(p[j * 16 : j * 16 + 16].sum())
             else:
                 score = [float(torch.logsumexp(b @ qs / 8**0.5, 0)) for b in blocks]
-            want = sorted(range(len(blocks)), key=lambda j: -score[j])
+            key = rank_key(torch.tensor(score, dtype=torch.float32)).tolist()  # the rule: 11 mantissa bits, ties by id
+            want = sorted(range(len(blocks)), key=lambda j: -key[j])
             row = [x for x in order[0, h, n, forced[0, h, n] :].tolist() if x >= 0]
             assert row == want
 

@@ -89,3 +89,13 @@ def test_segment_order_triton_rejects_bad_scores():
         segment_rank.segment_order_triton(s, 32, 16, 16, 150, 150, 1)
     with pytest.raises(ValueError, match="fp32"):
         segment_rank.segment_order_triton(s.half(), 32, 16, 16, 96, 64, 1)
+
+
+def test_ranking_resolution_is_eleven_mantissa_bits():
+    """Scores with the same sign, exponent and top 11 mantissa bits tie (lower id first); 2^-10 apart they are ordered."""
+    lq = lkv = 160  # segment 4 (rows 128-159) ranks blocks 0-7, block 0 is a sink
+    s = torch.full((1, 1, 5, 10), -5.0, device=DEVICE)
+    s[0, 0, 4, 1:7] = torch.tensor([1.0, 1.0 + 2**-13, 1.0 + 2**-10, -2.0, -2.0 * (1 + 2**-13), -2.0 * (1 - 2**-10)])
+    for order, forced in (segment_order_torch(s, 32, 16, 16, lq, lkv, 1), kernel_order(s, 32, 16, 16, lq, lkv, 1)):
+        row = order[0, 0, 8, forced[0, 0, 8] :].tolist()  # query block 8: the first of segment 4
+        assert row[:7] == [3, 1, 2, 6, 4, 5, 7], row[:8]
