@@ -10,7 +10,8 @@
 
 Every function returns a :class:`~blocksieve.layout.TokenLayout` with ``H = S`` (index sets) and
 ``K = min(topk, Lkv)``. On CUDA the scans run in the fused Triton kernel
-(:func:`blocksieve.ops.indexer_topk.indexer_topk`); on the CPU in PyTorch, in chunks of query
+(:func:`blocksieve.ops.indexer_topk.indexer_topk`) and MISA's router in
+:func:`blocksieve.ops.misa_route.route_heads_triton`; on the CPU in PyTorch, in chunks of query
 rows, so no ``Lq × Lkv`` tensor exists beyond one chunk.
 """
 
@@ -219,18 +220,41 @@ def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torc
     return out
 
 
-def route_heads(ix: Indexer, h: int, block: int = 1024, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _route_with_kernel(ix: Indexer, backend: str) -> bool:
+    """Whether :func:`route_heads` runs the Triton router: forced, or ``"auto"`` on CUDA within its limits."""
+    if backend != "auto":
+        return _use_triton(ix, backend)
+    if not ix.q.is_cuda:
+        return False
+    from blocksieve.ops.misa_route import supports
+
+    return supports(ix.num_heads, ix.q.shape[-1])
+
+
+def route_heads(
+    ix: Indexer, h: int, block: int = 1024, pooled: Optional[torch.Tensor] = None, backend: str = "auto"
+) -> torch.Tensor:
     """MISA router: the ``h`` heads of largest ``Σ_b |w_j·act(q_j·k̄_b)|`` per row, int64 ``[B, S, Lq, h]``.
 
     ``k̄_b`` are the mean-pooled keys of the ``block``-key blocks the row sees completely (so prefill
-    and decode route alike and no future key leaks in); rows inside the first block rank heads by
-    ``|w_j|·‖q_j‖`` (MISA's norm variant).
+    and decode route alike and no future key leaks in; every block when not causal); rows without
+    one rank heads by ``|w_j|·‖q_j‖`` (MISA's norm variant). Ids by descending score.
+    ``backend``: ``"triton"`` the fused kernel (:func:`blocksieve.ops.misa_route.route_heads_triton`;
+    near-ties may route differently), ``"torch"`` the chunked fp32 path below, ``"auto"`` the kernel
+    on CUDA within its limits.
     """
     if pooled is None:
         pooled = pool_keys(ix.k, block, "mean")
+    if _route_with_kernel(ix, backend):
+        from blocksieve.ops.misa_route import route_heads_triton
+
+        return route_heads_triton(ix.q, ix.w, pooled, h, block, kv_len=ix.kv_len, act=ix.act, causal=ix.causal)
     b, s, lq, nh = ix.w.shape
     nb = pooled.shape[2]
     out = torch.empty(b, s, lq, min(h, nh), dtype=torch.int64, device=ix.q.device)
+    n_done = torch.full((lq,), nb, device=ix.q.device)  # [Lq] complete blocks per row
+    if ix.causal:
+        n_done = torch.clamp(torch.div(ix.positions() + 1, block, rounding_mode="floor"), max=nb)
     step = chunk_rows(ix, nb)
     for r0 in range(0, lq, step):
         r1 = min(lq, r0 + step)
@@ -239,12 +263,11 @@ def route_heads(ix: Indexer, h: int, block: int = 1024, pooled: Optional[torch.T
             lg = torch.relu(lg)
         e = (lg * ix.w[:, :, r0:r1, :, None]).abs()
         if ix.causal:
-            done = (torch.arange(nb, device=e.device)[None, :] + 1) * block - 1 <= ix.positions(r0, r1)[:, None]  # [C, NB]
-            e = e * done[:, None, :]
-            first = ~done[:, 0]  # rows before the end of the first block: rank by |w_j|·‖q_j‖
-            norm = (ix.w[:, :, r0:r1].abs() * ix.q[:, :, r0:r1].float().norm(dim=-1))[..., None]
-            e = torch.where(first[:, None, None], norm, e)
-        out[:, :, r0:r1] = e.sum(-1).topk(out.shape[-1], dim=-1).indices
+            e = e * (torch.arange(nb, device=e.device)[None, :] < n_done[r0:r1, None])[:, None, :]  # [C, NB] done
+        first = n_done[r0:r1] == 0  # [C] rows without a complete block: rank by |w_j|·‖q_j‖
+        norm = ix.w[:, :, r0:r1].abs() * ix.q[:, :, r0:r1].float().norm(dim=-1)
+        e = torch.where(first[:, None], norm, e.sum(-1))
+        out[:, :, r0:r1] = e.topk(out.shape[-1], dim=-1).indices
     return out
 
 
@@ -262,7 +285,7 @@ def misa_topk(
 
     ``row_block``: rows per program of the Triton scan (default by the routed head count: 8 rows for ``h = 8``).
     """
-    routed = ix.with_heads(route_heads(ix, h, block, pooled))
+    routed = ix.with_heads(route_heads(ix, h, block, pooled, backend))
     if rescore <= 0:
         return flat_topk(routed, topk, backend, row_block)
     if _use_triton(ix, backend) and rescore <= 4096:
