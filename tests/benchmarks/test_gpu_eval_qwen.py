@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import blocksieve
 from tests.eval.tiny_lm import pseudo_text, tiny_lm
