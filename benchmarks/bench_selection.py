@@ -23,7 +23,7 @@ FlashMoBA's B=128/top-8):
   SDPA restricted to the cuDNN backend).
 
 Quest is timed as one decode step (``q_len = 1``) against the whole cache, next to dense SDPA
-decode. Median of CUDA-event timings after one warm-up. Writes ``$OUT/selection_h200.json``
+decode. Median of 10 CUDA-event timings after one warm-up. Writes ``$OUT/selection_h200.json``
 (copied to ``benchmarks/results/selection_h200.json``).
 
 Usage: ``python benchmarks/bench_selection.py [--lengths 32768,131072] [--out DIR]``
@@ -57,7 +57,7 @@ METHODS = {
 }
 
 
-def timed(fn, reps=3):
+def timed(fn, reps=10):
     """Median milliseconds of ``fn()`` on the GPU (one warm-up call)."""
     fn()
     torch.cuda.synchronize()

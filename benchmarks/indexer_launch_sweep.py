@@ -8,6 +8,8 @@ default is the fastest measured and the speed-ups compare best against best:
 * ``misa``: the same scan over the 8 routed heads of each row;
 * ``hisa_coarse`` / ``hisa_fine``: HISA's pooled-block scan and its scan of each row's 64 chosen
   blocks (``block_n`` = 64 splits a 128-key block into two tiles, 128 reads it as one);
+* ``route``: MISA's head router (``route_heads``, PyTorch and Triton), alone and with the gather of
+  the routed heads (``Indexer.with_heads``);
 * ``decode``: the kernel timeline (torch profiler) of one B = 8 decode step of each method.
 
 Same synthetic DSA-form indexer as the benchmark (H_I = 64, d_I = 128, bf16, top-2048). Writes
@@ -30,14 +32,17 @@ from benchmarks.common import environment
 from blocksieve.ops.indexer_topk import indexer_topk
 from blocksieve.select.token_topk import pool_keys, route_heads
 
-# (row_block, block_n, num_warps, tma, num_stages); tma None = the default (on for Hopper), stages None = Triton's
-DSA = [(4, 64, 4, False, None), (4, 64, 4, None, None), (4, 64, 4, None, 2), (4, 128, 4, False, None), (4, 128, 4, None, 2), (2, 128, 4, None, 2)]
-MISA = [(8, 64, 4, False, None), (8, 64, 4, None, 2), (8, 128, 4, False, None), (8, 128, 4, None, 2)]
+# (row_block, block_n, num_warps, tma, num_stages); tma None = the default (on for Hopper), stages None = Triton's.
+# Session 4 adds more rows per program and 8 warps: each program streams every key tile once for its rows, so
+# the rows per program set the key traffic (about L²/2 · 256 B / rows at d = 128, bf16).
+DSA = [(2, 128, 4, None, 2), (2, 128, 8, None, 2), (4, 128, 8, None, 2), (4, 64, 8, None, 2)]
+MISA = [(8, 128, 4, None, 2), (8, 128, 8, None, 2), (16, 128, 4, None, 2), (16, 128, 8, None, 2), (16, 64, 8, None, 2)]
 HISA_COARSE = [(1, 64, 4, None, None)]
-HISA_FINE = [(1, 128, 4, None, None), (1, 128, 4, False, None), (1, 128, 4, None, 2)]
+HISA_FINE = [(1, 128, 4, None, None), (1, 128, 8, None, None), (1, 128, 4, None, 3)]
+KINDS = ("route", "dsa", "misa", "hisa", "decode")
 
 
-def sweep(c, n, device) -> list:
+def sweep(c, n, device, kinds=KINDS) -> list:
     ix = make_indexer(c, 1, n, n, device)
     topk, blk, m = c["topk"], c["hisa_block"], c["hisa_m"]
     rows = []
@@ -47,24 +52,30 @@ def sweep(c, n, device) -> list:
         rows.append({"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, "num_stages": st, **timed(fn, c["repeats"])})
         log(rows[-1])
 
-    for sh in DSA:
+    for sh in DSA if "dsa" in kinds else []:
         add("dsa", sh, lambda sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
+    pooled_r = pool_keys(ix.k, c["misa_block"])
+    for backend in ("torch", "triton") if "route" in kinds else []:  # MISA's router alone, and with the gather of the routed heads
+        rows.append({"L": n, "kind": "misa_route", "backend": backend, **timed(lambda b=backend: route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b), c["repeats"])})
+        log(rows[-1])
+        rows.append({"L": n, "kind": "misa_route_gather", "backend": backend, **timed(lambda b=backend: ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b)), c["repeats"])})
+        log(rows[-1])
     routed = ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"]))
-    for sh in MISA:
+    for sh in MISA if "misa" in kinds else []:
         add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
     r0 = m * blk  # HISA's late rows
     pooled = pool_keys(ix.k, blk).contiguous()
     kw = dict(rows=(r0, n), kv_tokens=n, pos_mult=blk, force_ends=True)
-    for sh in HISA_COARSE:
+    for sh in HISA_COARSE if "hisa" in kinds else []:
         add("hisa_coarse", sh, lambda sh=sh: indexer_topk(ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4], **kw))
     blocks = indexer_topk(ix.q, pooled, ix.w, m, **kw).long()
-    for sh in HISA_FINE:
+    for sh in HISA_FINE if "hisa" in kinds else []:
         bn = sh[1]
         tiles = blocks[..., None] * (blk // bn) + torch.arange(blk // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
         add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
     dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
-    for name, fn in decode_fns(c, dec).items():
+    for name, fn in decode_fns(c, dec).items() if "decode" in kinds else []:
         rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})
         log(rows[-1])
     return rows
@@ -74,13 +85,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
     args = ap.parse_args(argv)
     c = dict(SIZES["full"])
     out = args.out / "indexer_launch_sweep_h200.json"
     res = {"environment": environment(), "rows": []}
     t0 = time.time()
     for n in args.lengths:
-        res["rows"] += sweep(c, n, "cuda")
+        res["rows"] += sweep(c, n, "cuda", args.kinds.split(","))
         res["wall_s"] = round(time.time() - t0, 1)
         out.write_text(json.dumps(res, indent=1))
     log("wrote", out)

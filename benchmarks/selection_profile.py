@@ -1,0 +1,102 @@
+"""Where the block selectors' time goes on one GPU: pooling bandwidth and per-method kernel profiles.
+
+* ``pool`` rows — :func:`blocksieve.select.pool.block_mean` (the block means every GPU selector
+  uses) on the benchmark's bf16 ``q [1, 32, L, 128]`` (blocks 64 and 512) and ``k [1, 8, L, 128]``
+  (128, 512): median ms and the read bandwidth it reached (bytes of the input / time).
+* ``s2o_sort`` rows — S2O's ranking step alone at the benchmark's default config: the Triton
+  :func:`blocksieve.ops.segment_rank.segment_order_triton` (``tl.sort`` per segment, rows written;
+  the default launch and 4, 8, 16 warps per program for every sort width)
+  against a stable descending ``torch.sort`` of the same ``[B, Hq, NS, NK]`` scores (the sort only);
+* ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
+  method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
+  total kernel time, kernel count, and the kernels grouped by name, largest first.
+
+Writes ``$OUT/selection_profile_h200.json``::
+
+    python -u -m benchmarks.selection_profile --out $OUT [--lengths 32768 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import blocksieve
+from benchmarks.bench_indexer import kernel_timeline, log
+from benchmarks.bench_selection import METHODS, plan_fn, synthetic, timed
+from benchmarks.common import environment
+from blocksieve.select.pool import block_mean
+
+def pool_rows(x: torch.Tensor, name: str, block: int) -> list:
+    """Time of ``block_mean(x, block)`` and the read bandwidth it reaches."""
+    ms = timed(lambda: block_mean(x, block), 5)
+    row = {"kind": "pool", "input": name, "L": x.shape[2], "block": block, "variant": "torch.block_mean", "ms": ms}
+    row["read_TBps"] = x.numel() * x.element_size() / 1e9 / ms
+    log(row)
+    return [row]
+
+
+def s2o_sort_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time of S2O's ranking kernel and of a plain ``torch.sort`` of the same segment scores."""
+    from blocksieve.ops.segment_rank import segment_order_triton
+
+    m = blocksieve.method("s2o")
+    c = m.config
+    scores = m.segment_scores(q, k)
+    args = (scores, c.segment, c.block_q, c.block_k, q.shape[2], k.shape[2], c.sink_blocks)
+    rows = []
+    variants = [(f"segment_order_triton, {w or 'default'} warps", lambda w=w: segment_order_triton(*args, num_warps=w)) for w in (None, 4, 8, 16)]
+    for label, fn in variants + [("torch.sort(stable, descending)", lambda: torch.sort(scores, stable=True, dim=-1, descending=True))]:
+        rows.append({"kind": "s2o_sort", "L": q.shape[2], "variant": label, "scores_shape": list(scores.shape), "ms": timed(fn, 5)})
+        log(rows[-1])
+    return rows
+
+
+def grouped(timeline: list) -> dict:
+    """Kernel time and count per kernel name, largest first."""
+    acc = defaultdict(lambda: [0.0, 0])
+    for name, ms in timeline:
+        acc[name][0] += ms
+        acc[name][1] += 1
+    total = sum(ms for _, ms in timeline)
+    return {
+        "kernel_ms_total": round(total, 4),
+        "kernels": len(timeline),
+        "by_name": [{"name": n, "ms": round(v[0], 4), "count": v[1]} for n, v in sorted(acc.items(), key=lambda kv: -kv[1][0])],
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args(argv)
+    out = args.out / "selection_profile_h200.json"
+    res = {"environment": environment(), "rows": []}
+    t0 = time.time()
+    for n in args.lengths:
+        q, k, _ = synthetic(n)
+        for name, x, block in (("q", q, 64), ("q", q, 512), ("k", k, 128), ("k", k, 512)):
+            res["rows"] += pool_rows(x, name, block)
+        res["rows"] += s2o_sort_rows(q, k)
+        for label in args.methods.split(","):
+            name, cfg = METHODS[label]
+            fn = plan_fn(blocksieve.method(name, **cfg), q, k)
+            row = {"kind": "profile", "method": label, "L": n, "eager_ms": timed(fn), **grouped(kernel_timeline(fn))}
+            res["rows"].append(row)
+            log({k_: v for k_, v in row.items() if k_ != "by_name"}, row["by_name"][:6])
+        del q, k
+        torch.cuda.empty_cache()
+        res["wall_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=1))
+    log("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
