@@ -80,15 +80,9 @@ LINKED = {"vertical_slash": lambda x: dict(slash_size=6 * x)}  # MInference's ~1
 
 
 def load_layers(model: str, text: str, length: int, layers):
-    """``{layer: (q, k, v)}`` fp32 CPU from the cached captures (:func:`blocksieve.eval.captures.load_capture`)."""
+    """``{layer: (q, k, v)}`` fp32 CPU (:func:`blocksieve.eval.captures.load_capture`; a cached default capture is reused)."""
     from blocksieve.eval.captures import load_capture
-    from blocksieve.eval.models import cache_dir
 
-    default = cache_dir() / "captures" / f"{model}-{text}-L{length}-o0-default.pt"
-    if default.is_file():  # a cached default capture that holds the layers: no model run
-        stored = torch.load(default)
-        if all(li in stored for li in layers):
-            return {li: tuple(t.float() for t in stored[li]) for li in layers}
     return load_capture(model=model, text=text, length=length, layers=layers)
 
 

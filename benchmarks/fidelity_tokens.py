@@ -168,16 +168,14 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default="kjv")
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--layers", default=None, help="comma-separated layer ids taken from the default capture (default: all of it)")
+    ap.add_argument("--layers", default=None, help="comma-separated layer ids (default: the default capture's layers, see load_capture)")
     ap.add_argument("--topk", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--decode-steps", type=int, default=256, help="0 skips the TokenSelect decode replay")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (dsa always runs)")
     ap.add_argument("--merge", action="store_true", help="update these methods in an existing result file, keep the others")
     args = ap.parse_args(argv)
     only = None if args.methods is None else set(args.methods.split(","))
-    cap = load_capture(args.model, args.text, args.length)
-    if args.layers is not None:
-        cap = {layer: cap[layer] for layer in map(int, args.layers.split(","))}
+    cap = load_capture(args.model, args.text, args.length, None if args.layers is None else map(int, args.layers.split(",")))
     prefill, decode = {}, {}
     for layer, (q, k, v) in sorted(cap.items()):
         t0 = time.perf_counter()

@@ -106,13 +106,11 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--topk", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--stride", type=int, default=None, help="query subsampling (default length // 1024)")
-    ap.add_argument("--layers", default=None, help="comma-separated layer ids of the default capture (default: all)")
+    ap.add_argument("--layers", default=None, help="comma-separated layer ids (default: the default capture's layers, see load_capture)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args(argv)
     stride = args.stride or max(1, args.length // 1024)
-    cap = load_capture(args.model, args.text, args.length)
-    if args.layers is not None:
-        cap = {layer: cap[layer] for layer in map(int, args.layers.split(","))}
+    cap = load_capture(args.model, args.text, args.length, None if args.layers is None else map(int, args.layers.split(",")))
     t0 = time.time()
     rows = sweep(cap, args.topk, stride)
     result = {"command": " ".join(["python"] + sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

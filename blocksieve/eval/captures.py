@@ -9,19 +9,38 @@ never on Gaussian noise, which has no sparsity to find.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import warnings
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from blocksieve.eval.models import cache_dir
 
 
-def default_layers(num_layers: int, count: int = 6) -> list:
-    """``count`` layers spread over the depth, skipping layer 0 (often near-uniform attention)."""
+def default_layers(num_layers: int, count: int = 6, candidates: Optional[Sequence[int]] = None) -> list:
+    """``count`` layers spread over the depth, skipping layer 0 (often near-uniform attention).
+
+    ``candidates``: the layers to choose from instead (a model's full-attention layers when some
+    use a sliding window); all of them when there are at most ``count``.
+    """
+    if candidates is not None:
+        pool = sorted(candidates)
+        if len(pool) <= count:
+            return pool
+        step = (len(pool) - 1) / (count - 1)
+        return sorted({pool[round(i * step)] for i in range(count)})
     if num_layers <= count:
         return list(range(num_layers))
     step = (num_layers - 1) / count
     return sorted({min(num_layers - 1, round(1 + i * step)) for i in range(count)})
+
+
+def full_attention_layers(config) -> Optional[list]:
+    """Layers of a (text) config that attend to the whole prefix, or None when no layer uses a sliding window."""
+    types = getattr(config, "layer_types", None)
+    if not types or "sliding_attention" not in types:
+        return None
+    return [i for i, t in enumerate(types) if t != "sliding_attention"]
 
 
 def load_capture(
@@ -37,12 +56,20 @@ def load_capture(
         model: a known model name of :func:`blocksieve.eval.models.load_model`.
         text: a known text name of :func:`blocksieve.eval.texts.load_text`.
         length: tokens per prompt (at most the model's context).
-        layers: layer indices; default :func:`default_layers` of the model.
+        layers: layer indices; default :func:`default_layers` of the model (of its full-attention
+            layers when some use a sliding window: the capture does not apply the window, so a
+            sliding layer's captured attention is not what the model computes; asking for one warns).
+            A cached default capture that holds all of them is reused.
         offset: tokens to skip into the text (use several offsets to avoid judging on one prompt).
     """
     wanted = None if layers is None else sorted(set(layers))
-    tag = "default" if wanted is None else "-".join(map(str, wanted))
-    path = cache_dir() / "captures" / f"{model}-{text}-L{length}-o{offset}-{tag}.pt"
+    stem = cache_dir() / "captures" / f"{model}-{text}-L{length}-o{offset}"
+    default = stem.with_name(stem.name + "-default.pt")
+    path = default if wanted is None else stem.with_name(stem.name + "-" + "-".join(map(str, wanted)) + ".pt")
+    if not path.is_file() and wanted is not None and default.is_file():
+        stored = torch.load(default)
+        if all(layer in stored for layer in wanted):  # the default capture holds them: no model run
+            return {layer: tuple(t.float() for t in stored[layer]) for layer in wanted}
     if path.is_file():
         stored = torch.load(path)
     else:
@@ -61,7 +88,16 @@ def _capture(model_name: str, text_name: str, length: int, layers, offset: int) 
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ValueError(f"length={length} exceeds {model_name}'s context of {limit} tokens: pass a smaller length")
-    n_layers = model.config.get_text_config().num_hidden_layers
+    config = model.config.get_text_config()
+    full = full_attention_layers(config)
+    if layers is None:
+        layers = default_layers(config.num_hidden_layers, candidates=full)
+    elif full is not None and set(layers) - set(full):
+        warnings.warn(
+            f"layers {sorted(set(layers) - set(full))} of {model_name} use a sliding window that the capture does not "
+            f"apply: judge long-range selection on its full-attention layers {full}",
+            stacklevel=3,
+        )
     ids = token_chunk(tokenizer, load_text(text_name), length, offset)
-    got = capture_qkv(model, ids, layers if layers is not None else default_layers(n_layers))
+    got = capture_qkv(model, ids, layers)
     return {layer: tuple(t.to(torch.float16).cpu() for t in qkv) for layer, qkv in got.items()}
