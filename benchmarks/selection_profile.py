@@ -7,6 +7,9 @@
   :func:`blocksieve.ops.segment_rank.segment_order_triton` (``tl.sort`` per segment, rows written;
   the default launch and 4, 8, 16 warps per program for every sort width)
   against a stable descending ``torch.sort`` of the same ``[B, Hq, NS, NK]`` scores (the sort only);
+* ``sums`` rows — the last-row sums kernel (:func:`blocksieve.ops.last_rows_stats.last_rows_sums_triton`)
+  as pbs (64 rows, columns only), vertical_slash (64 rows, diagonals too) and flexprefill (128
+  rows) call it, with 64- and 128-key tiles; ``max_abs_diff`` against the 64-key tiles' sums;
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
@@ -57,6 +60,22 @@ def s2o_sort_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time of the last-row sums kernel per caller's shape and key tile width."""
+    from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+
+    rows = []
+    for label, r, diagonals in (("pbs", 64, False), ("vertical_slash", 64, True), ("flexprefill", 128, True)):
+        base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals)
+        for block_n in (64, 128):
+            fn = lambda b=block_n: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, block_n=b)  # noqa: E731
+            got = fn()
+            diff = max((g - w).abs().max().item() for g, w in zip(got, base) if g is not None)
+            rows.append({"kind": "sums", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "block_n": block_n, "ms": timed(fn), "max_abs_diff": diff})
+            log(rows[-1])
+    return rows
+
+
 def grouped(timeline: list) -> dict:
     """Kernel time and count per kernel name, largest first."""
     acc = defaultdict(lambda: [0.0, 0])
@@ -85,6 +104,7 @@ def main(argv=None):
         for name, x, block in (("q", q, 64), ("q", q, 512), ("k", k, 128), ("k", k, 512)):
             res["rows"] += pool_rows(x, name, block)
         res["rows"] += s2o_sort_rows(q, k)
+        res["rows"] += sums_rows(q, k)
         for label in args.methods.split(","):
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)

@@ -18,7 +18,8 @@ TokenLayout row as is; split rows (decode) return their packed lists unsorted.
 Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's chosen blocks), and
 ``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
 first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a row's tiles over
-several programs (decode: few rows) and merges their packed top-k lists with ``torch.topk``.
+several programs (decode: few rows) and merges their packed top-k lists (an int32 ``torch.topk``
+of the score bits).
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ def indexer_topk(
         tiles: int32 ``[B, S, t1 - t0, T]`` ids of ``block_n``-key tiles to scan per row (-1 skipped);
             default every causal tile.
         force_ends: score the first and the last visible key +inf (HISA's forced blocks).
-        splits: programs per row (decode has few rows); their lists are merged with ``torch.topk``.
+        splits: programs per row (decode has few rows); their lists are merged by :func:`_merge_splits`.
         row_block: consecutive rows per program in a flat scan (no ``tiles``, ``splits = 1``): each
             key tile is loaded once for all of them and their ``row_block · H_I`` logits are one MMA.
             Worth it when ``H_I`` is small (MISA's routed heads); 1 = one row at a time.
@@ -352,10 +353,22 @@ def indexer_topk(
     )
     if splits == 1:
         return out[:, :, :, 0]
-    best = out.flatten(-2).topk(min(topk, splits * keep), dim=-1, sorted=False).values  # the ids are sorted next
-    ids = torch.where(best != EMPTY_SLOT, best & 0xFFFFFFFF, torch.iinfo(torch.int64).max).sort(-1).values
-    ids = torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)
-    return torch.nn.functional.pad(ids, (0, topk - ids.shape[-1]), value=-1)
+    return _merge_splits(out.flatten(-2), min(topk, splits * keep), topk)
+
+
+def _merge_splits(packed: torch.Tensor, kk: int, topk: int) -> torch.Tensor:
+    """Top ``kk`` of the split rows' packed lists ``[..., N]`` int64 → ascending int32 ids ``[..., topk]``, -1 padded.
+
+    The selection runs on the packed values' high 32 bits (the order-preserving score bits; empty
+    slots are the smallest), an int32 top-k of half the radix passes of an int64 one; among keys
+    of exactly equal score the pick is arbitrary, as equally good. The ids are sorted as int32.
+    """
+    int32_max = torch.iinfo(torch.int32).max
+    pick = (packed >> 32).to(torch.int32).topk(kk, dim=-1, sorted=False).indices
+    best = packed.gather(-1, pick)
+    ids = torch.where(best != EMPTY_SLOT, (best & 0xFFFFFFFF).to(torch.int32), int32_max).sort(-1).values
+    ids = torch.where(ids == int32_max, -1, ids)
+    return torch.nn.functional.pad(ids, (0, topk - kk), value=-1)
 
 
 def _key_descriptor(k: torch.Tensor, block_n: int, tma: Optional[bool]) -> Optional[TensorDescriptor]:

@@ -180,13 +180,16 @@ def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
     return rev.flatten(2)[..., :kv_len].flip(-1)
 
 
-def last_rows_sums_triton(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, diagonals: bool = True) -> tuple:
+def last_rows_sums_triton(
+    q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, diagonals: bool = True, block_n: int = BLOCK_N
+) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
     Args:
         q: ``[B, Hq, Lq, D]`` fp16/bf16/fp32; k: ``[B, Hkv, Lkv, D]`` of the same dtype, ``Lq <= Lkv``.
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
+        block_n: keys per tile (a launch knob: 16 to 256, a power of two).
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
@@ -197,14 +200,16 @@ def last_rows_sums_triton(q: torch.Tensor, k: torch.Tensor, rows: int, scale: fl
     r = min(rows, lq)
     q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
     block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
-    n_tiles = math.ceil(lkv / BLOCK_N)
+    if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
+    n_tiles = math.ceil(lkv / block_n)
     tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (4 * sm_count(q))))
     n_span = math.ceil(n_tiles / tiles_per_span)
-    n_chunks = math.ceil((block_r + BLOCK_N - 1) / BLOCK_N)
+    n_chunks = math.ceil((block_r + block_n - 1) / block_n)
     meta = {
         "D": d,
         "BLOCK_R": block_r,
-        "BLOCK_N": BLOCK_N,
+        "BLOCK_N": block_n,
         "BLOCK_D": block_d,
         "UPCAST": upcast_dots(q.dtype),
         "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -220,7 +225,7 @@ def last_rows_sums_triton(q: torch.Tensor, k: torch.Tensor, rows: int, scale: fl
     m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
     l_tot = (l_part * torch.exp2(m_part - m[:, :, None])).sum(2)
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
-    bands = empty_output(b, hq, n_tiles, n_chunks, BLOCK_N, dtype=torch.float32, device=q.device) if diagonals else cols
+    bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
     _sums_kernel[(n_span, b * hkv)](
         q, k, m.contiguous(), l_tot.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, qk_scale,
         N_CHUNKS=n_chunks, DIAGONALS=diagonals, **meta,

@@ -61,6 +61,18 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
     assert none is None and torch.equal(only_cols, cols)
 
 
+@pytest.mark.parametrize("block_n", [16, 128])
+def test_key_tile_width_does_not_change_the_sums(block_n):
+    q, k, _ = qkv(1, 4, 2, 150, 333, 32, dtype=torch.float16, device=DEVICE)
+    with poisoned_outputs():
+        cols, diags = last_rows_sums_triton(q, k, 100, 32**-0.5, block_n=block_n)
+    probs = last_rows_probs(q, k, 100, 32**-0.5)
+    assert torch.allclose(cols, probs.sum(2), atol=1e-5)
+    assert torch.allclose(diags, slash_sums(probs, 150, 333), atol=1e-5)
+    with pytest.raises(ValueError, match="block_n=24 must be a power of two"):
+        last_rows_sums_triton(q, k, 100, 32**-0.5, block_n=24)
+
+
 def test_both_passes_over_several_key_spans(monkeypatch):
     # 5 key tiles, B·Hkv = 4, 2 "SMs": 3 tiles per program, so two spans and the second runs past the last tile
     monkeypatch.setattr("blocksieve.ops.last_rows_stats.sm_count", lambda t: 2)
