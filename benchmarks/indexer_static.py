@@ -1,0 +1,109 @@
+"""Static view of the row-blocked indexer kernel for Hopper, compiled on the CPU (no GPU needed).
+
+Compiles :func:`blocksieve.ops.indexer_topk._indexer_topk_rows_kernel` for ``sm_90`` with the
+launch of a method (``--method dsa``: 2 rows × 64 heads, ``misa``: 8 rows × 8 routed heads, or
+``--rows/--heads``), then reports what Nsight Compute would need a GPU for only partly: registers
+and spill stack per thread (``cuobjdump --dump-resource-usage``), shared memory, and per source
+line the SASS instructions and local-memory spills (``nvdisasm -g``: ``STL``/``LDL``). Static
+counts, not executed ones: a line inside the key-tile loop runs once per tile, the compaction
+(``_keep_top``) a few times per row, the final sort once per row. Lines are of the files as
+compiled (Triton's ``standard.py`` holds ``tl.sum``, ``tl.cumsum`` and ``tl.sort``).
+
+Uses the ``ptxas``/``cuobjdump``/``nvdisasm`` that ship with Triton; the local Triton version may
+generate other code than the GPU machine's (3.9 here, 3.6 there), so compare variants with each
+other, and time the one worth it on the GPU (``benchmarks/indexer_launch_sweep.py``)::
+
+    python -m benchmarks.indexer_static --method misa --top 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from blocksieve.ops import indexer_topk
+from blocksieve.ops._triton_utils import next_pow2
+
+METHODS = {"dsa": (2, 64), "misa": (8, 8)}
+"""Rows per program and indexer heads of each method's prefill scan (``select.token_topk``)."""
+
+
+def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num_stages: int, tma: bool, topk: int, d: int):
+    """The compiled kernel (``triton.compile`` for sm_90) with the constexprs ``indexer_topk`` would pass."""
+    chunk, cap = indexer_topk._buffer_shape(topk, block_n)
+    sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16"}
+    sig.update({"p_w": "*fp32", "p_buf": "*i64", "p_out": "*i32"})
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
+    sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
+    consts = dict(
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
+        CHUNK=chunk, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
+    )
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(indexer_topk._indexer_topk_rows_kernel, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def static_report(kernel) -> dict:
+    """Registers, spill stack, shared memory and per-line SASS / spill counts of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+    lines, spills, where = collections.Counter(), collections.Counter(), None
+    for text in sass.splitlines():
+        loc = re.search(r'## File "([^"]+)", line (\d+)', text)
+        if loc:
+            where = f"{os.path.basename(loc.group(1))}:{loc.group(2)}"
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", text):
+            lines[where] += 1
+            spills[where] += bool(re.search(r"\b(STL|LDL)\b", text))
+    return {
+        "registers": int(res.get("REG", 0)), "spill_stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared,
+        "sass": sum(lines.values()), "spill_instructions": sum(spills.values()), "lines": lines, "spills": spills,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=sorted(METHODS), default="misa")
+    ap.add_argument("--rows", type=int, default=None, help="rows per program (default: the method's)")
+    ap.add_argument("--heads", type=int, default=None, help="indexer heads per row (default: the method's)")
+    ap.add_argument("--block-n", type=int, default=128)
+    ap.add_argument("--num-warps", type=int, default=4)
+    ap.add_argument("--num-stages", type=int, default=2)
+    ap.add_argument("--no-tma", action="store_true")
+    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--top", type=int, default=12, help="source lines to list")
+    args = ap.parse_args(argv)
+    rows, heads = METHODS[args.method]
+    rows, heads = args.rows or rows, args.heads or heads
+    k = compile_rows_kernel(rows, heads, args.block_n, args.num_warps, args.num_stages, not args.no_tma, args.topk, args.dim)
+    rep = static_report(k)
+    print(
+        f"{args.method}: {rows} rows x {heads} heads, block_n {args.block_n}, {args.num_warps} warps, {args.num_stages} stages: "
+        f"{rep['registers']} registers, {rep['spill_stack_bytes']} B spill stack, {rep['shared_bytes']} B shared, "
+        f"{rep['sass']} SASS instructions, {rep['spill_instructions']} spill loads/stores"
+    )
+    for where, n in rep["lines"].most_common(args.top):
+        print(f"  {where:24s} {n:6d} SASS  {rep['spills'][where]:4d} spill")
+
+
+if __name__ == "__main__":
+    main()
