@@ -15,6 +15,7 @@ show relative cost only.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import statistics
 import time
 from typing import Callable, Optional, Sequence
@@ -47,6 +48,17 @@ def timeit(fn: Callable[[], object], device, repeats: int = 3, warmup: int = 1) 
     return statistics.median(times)
 
 
+def _cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` (recent transformers 5.x) or ``past_key_values`` (older)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    """The KV cache of a model output, under either name (``cache`` in recent transformers 5.x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def model_speed(model, input_ids: torch.Tensor, decode_tokens: int = 8, repeats: int = 1, warmup: int = 0) -> dict:
     """Prefill time of ``input_ids [1, L]`` and mean greedy-decode time per token after it.
@@ -61,12 +73,13 @@ def model_speed(model, input_ids: torch.Tensor, decode_tokens: int = 8, repeats:
 
     prefill_s = timeit(prefill, device, repeats, warmup)
     out = prefill()
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    key = _cache_keyword(model)
+    cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(nxt, use_cache=True, **{key: cache})
+        cache, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     decode = (time.perf_counter() - start) / max(decode_tokens, 1)
     return {"prefill_s": prefill_s, "decode_s_per_token": decode, "length": ids.shape[1], "decode_tokens": decode_tokens}
