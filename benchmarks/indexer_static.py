@@ -7,7 +7,9 @@ and spill stack per thread (``cuobjdump --dump-resource-usage``), shared memory,
 line the SASS instructions and local-memory spills (``nvdisasm -g``: ``STL``/``LDL``). Static
 counts, not executed ones: a line inside the key-tile loop runs once per tile, the compaction
 (``_keep_top``) a few times per row, the final sort once per row. Lines are of the files as
-compiled (Triton's ``standard.py`` holds ``tl.sum``, ``tl.cumsum`` and ``tl.sort``).
+compiled (Triton's ``standard.py`` holds ``tl.sum``, ``tl.cumsum`` and ``tl.sort``). The key-tile
+loop is also counted on its own (the innermost loop around the MMA): its instructions per tile,
+spills, shared-memory accesses and barriers are what every (row, key) pair pays.
 
 Uses the ``ptxas``/``cuobjdump``/``nvdisasm`` that ship with Triton; the local Triton version may
 generate other code than the GPU machine's (3.9 here, 3.6 there), so compare variants with each
@@ -65,6 +67,7 @@ def static_report(kernel) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
     res = dict(re.findall(r"(REG|STACK):(\d+)", usage))
+    loop = tile_loop(sass)
     lines, spills, where = collections.Counter(), collections.Counter(), None
     for text in sass.splitlines():
         loc = re.search(r'## File "([^"]+)", line (\d+)', text)
@@ -76,7 +79,29 @@ def static_report(kernel) -> dict:
     return {
         "registers": int(res.get("REG", 0)), "spill_stack_bytes": int(res.get("STACK", 0)), "shared_bytes": kernel.metadata.shared,
         "sass": sum(lines.values()), "spill_instructions": sum(spills.values()), "lines": lines, "spills": spills,
+        "loop_sass": len(loop), "loop_spills": sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in loop),
+        "loop_shared": sum(bool(re.search(r"\b(STS|LDS|LDSM)\b", t)) for t in loop),
+        "loop_barriers": sum(bool(re.search(r"\bBAR\b", t)) for t in loop),
     }
+
+
+def tile_loop(sass: str) -> list:
+    """SASS instructions of the innermost loop around the first ``HGMMA`` (the key-tile loop), in order.
+
+    The loop is the shortest span from a label to a backward branch to it that holds the MMA; its
+    length is the static instruction count of one tile (the body is straight-line code: the stores
+    and the scan are predicated, not branched around)."""
+    text = sass.splitlines()
+    labels = {m.group(1): i for i, t in enumerate(text) if (m := re.match(r"^(\.L_x_\d+):", t))}
+    mma = next((i for i, t in enumerate(text) if "HGMMA" in t), None)
+    spans = [
+        (labels[m.group(1)], i) for i, t in enumerate(text)
+        if (m := re.search(r"BRA `\((\.L_x_\d+)\)", t)) and m.group(1) in labels and mma is not None and labels[m.group(1)] <= mma <= i
+    ]
+    if not spans:
+        return []
+    lo, hi = min(spans, key=lambda s: s[1] - s[0])
+    return [t for t in text[lo : hi + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", t)]
 
 
 def main(argv=None) -> None:
@@ -99,7 +124,9 @@ def main(argv=None) -> None:
     print(
         f"{args.method}: {rows} rows x {heads} heads, block_n {args.block_n}, {args.num_warps} warps, {args.num_stages} stages: "
         f"{rep['registers']} registers, {rep['spill_stack_bytes']} B spill stack, {rep['shared_bytes']} B shared, "
-        f"{rep['sass']} SASS instructions, {rep['spill_instructions']} spill loads/stores"
+        f"{rep['sass']} SASS instructions, {rep['spill_instructions']} spill loads/stores\n"
+        f"  key-tile loop: {rep['loop_sass']} SASS instructions per tile, {rep['loop_spills']} spill, "
+        f"{rep['loop_shared']} shared-memory loads/stores, {rep['loop_barriers']} barriers"
     )
     for where, n in rep["lines"].most_common(args.top):
         print(f"  {where:24s} {n:6d} SASS  {rep['spills'][where]:4d} spill")

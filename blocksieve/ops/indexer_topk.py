@@ -5,8 +5,8 @@ persistent grid. For each tile of ``BLOCK_N`` keys it computes the indexer logit
 heads with one MMA (keys are the M dimension, heads the N dimension padded to 16, so the weighted
 sum over heads reduces within a warp), applies the activation and the head weights, and packs
 each score with its key id into one order-preserving int64 (``score bits << 32 | key``, unique
-per row). Keys above the row's running threshold ``tau`` are
-appended to a per-program scratch buffer of ``CAP`` slots. Tiles are scanned in chunks (up to 1024
+per row). Keys above the row's running threshold ``tau`` (tested on the score bits alone, one
+int32 compare: :func:`_admits`) are appended to a per-program scratch buffer of ``CAP`` slots. Tiles are scanned in chunks (up to 1024
 keys); after a chunk, if the buffer lacks room for another, ``tau`` becomes the ``topk``-th largest
 packed value (found by bisection on the value: about 15 counting passes, no sort) and the buffer is
 compacted to the ``topk`` entries ``>= tau`` (the tile loop itself holds no nested loop, so Triton
@@ -62,11 +62,27 @@ def _kth_largest(b_v, K: tl.constexpr):
 
 
 @triton.jit
+def _score_bits(b_sc):
+    """fp32 scores → int32 bits that order as the scores do (as signed ints)."""
+    bits = b_sc.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _admits(b_sc, tau_bits):
+    """Whether scores may enter a row's list whose threshold (a packed value) has score bits ``tau_bits``.
+
+    A key whose packed value beats the threshold has score bits ``>= tau_bits``, so the int32 test
+    never drops one; the keys it lets in beyond those (equal score, lower id: none in a scan of
+    increasing ids) are dropped by the next compaction.
+    """
+    return _score_bits(b_sc) >= tau_bits
+
+
+@triton.jit
 def _pack(b_sc, o_key):
     """Scores and key ids (same shape) → one int64 each, ordered by score then id (unique per row)."""
-    bits = b_sc.to(tl.int32, bitcast=True)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving as signed ints
-    return (bits.to(tl.int64) << 32) | o_key.to(tl.int64)
+    return (_score_bits(b_sc).to(tl.int64) << 32) | o_key.to(tl.int64)
 
 
 @triton.jit
@@ -123,7 +139,7 @@ def _indexer_topk_kernel(
         t_lo = i_p * per
         t_hi = tl.minimum(t_lo + per, n_tiles)
         cnt = tl.zeros([], dtype=tl.int32)
-        tau = tl.full([], EMPTY, dtype=tl.int64)
+        tau_bits = tl.full([], EMPTY >> 32, dtype=tl.int32)  # score bits of the row's threshold
         p_tr = p_tiles + i_r * NUM_TILES
         tile = tl.load(p_tr + t_lo, mask=HAS_TILES & (t_lo < t_hi), other=-1)  # next tile id, loaded one step ahead
         for c0 in range(t_lo, t_hi, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
@@ -148,12 +164,12 @@ def _indexer_topk_kernel(
                 if FORCE_ENDS:
                     b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
                 b_pk = _pack(b_sc, o_key)  # [BLOCK_N]
-                m_sel = m_key & (b_pk > tau)
+                m_sel = m_key & _admits(b_sc, tau_bits)
                 i_sel = m_sel.to(tl.int32)
                 tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
                 cnt += tl.sum(i_sel, 0)
             if cnt > CAP - CHUNK * BLOCK_N:  # no room for another chunk: keep the TOPK best
-                tau = _keep_top(p_bufr, cnt, o_c, TOPK)
+                tau_bits = (_keep_top(p_bufr, cnt, o_c, TOPK) >> 32).to(tl.int32)
                 cnt = tl.full([], TOPK, dtype=tl.int32)
         tl.debug_barrier()
         _finish_row(p_bufr, cnt, o_c, p_out + i_w * TOPK, TOPK, KP, PACKED)
@@ -193,9 +209,13 @@ def _indexer_topk_rows_kernel(
 
     The tile's logits for the ``BQ·HP`` (row, head) pairs are one MMA; each row keeps its own
     threshold, count and ``CAP``-slot scratch list (slots ``[r·CAP, (r+1)·CAP)`` of the program's).
+    The MMA's columns are head-major (column ``h·BQ + r``): in Hopper's accumulator layout a thread
+    holds the columns ``8j + c`` for one ``c < 8``, so with ``BQ >= 8`` all heads of a (key, row)
+    pair sit in one thread and their sum needs no shuffles and leaves no replicated copies.
+    The per-pair test is one int32 compare (:func:`_admits`).
     """
     o_r = tl.arange(0, BQ)  # [BQ]
-    o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh // HP, head o_rh % HP
+    o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh % BQ, head o_rh // BQ (head-major)
     o_d = tl.arange(0, D)  # [D]
     o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
     o_c = tl.arange(0, CAP)  # [CAP]
@@ -212,20 +232,20 @@ def _indexer_topk_rows_kernel(
         n_vis = tl.zeros([BQ], dtype=tl.int64) + LKV
         if CAUSAL:
             n_vis = tl.minimum(pos // POS_MULT + 1, LKV)
-        n_vis = tl.where(m_row, n_vis, 0)
-        i_rr = i_row0 + o_rh // HP  # [BQ·HP]
-        m_rh = (i_rr < NT_ROWS) & (o_rh % HP < H)
+        n_vis = tl.where(m_row, n_vis, 0).to(tl.int32)
+        i_rr = i_row0 + o_rh % BQ  # [BQ·HP]
+        m_rh = (i_rr < NT_ROWS) & (o_rh // BQ < H)
         i_t = T0 + i_rr
-        p_qr = p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + (o_rh % HP) * s_qh  # [BQ·HP]
+        p_qr = p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + (o_rh // BQ) * s_qh  # [BQ·HP]
         b_q = tl.load(p_qr[:, None] + o_d[None, :], mask=m_rh[:, None], other=0.0)  # [BQ·HP, D]
-        b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_rh % HP, mask=m_rh, other=0.0)  # [BQ·HP]
+        b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_rh // BQ, mask=m_rh, other=0.0)  # [BQ·HP]
         p_kr = p_k + i_b * s_kb + i_s * s_ks
         cnt = tl.zeros([BQ], dtype=tl.int32)
-        tau = tl.full([BQ], EMPTY, dtype=tl.int64)
+        tau_bits = tl.full([BQ], EMPTY >> 32, dtype=tl.int32)  # [BQ] score bits of each row's threshold
         n_t = tl.cdiv(tl.max(n_vis, 0), BLOCK_N)
         for c0 in range(0, n_t, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
             for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):
-                o_key = it * BLOCK_N + o_n  # [BLOCK_N]
+                o_key = (it * BLOCK_N + o_n).to(tl.int32)  # [BLOCK_N]
                 m_key = o_key < tl.max(n_vis, 0)
                 if TMA:
                     b_k = desc_k.load([(i_bs * LKV + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
@@ -234,13 +254,13 @@ def _indexer_topk_rows_kernel(
                 b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, BQ·HP]
                 if RELU:
                     b_l = tl.maximum(b_l, 0.0)
-                b_sc = tl.sum(tl.reshape(b_l * b_w[None, :], [BLOCK_N, BQ, HP]), 2)  # [BLOCK_N, BQ]
+                b_sc = tl.sum(tl.reshape(b_l * b_w[None, :], [BLOCK_N, HP, BQ]), 1)  # [BLOCK_N, BQ]
                 m_vis = o_key[:, None] < n_vis[None, :]  # [BLOCK_N, BQ]
                 if FORCE_ENDS:
                     ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
                     b_sc = tl.where(ends, float("inf"), b_sc)
+                m_sel = m_vis & _admits(b_sc, tau_bits[None, :])
                 b_pk = _pack(b_sc, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
-                m_sel = m_vis & (b_pk > tau[None, :])
                 i_sel = m_sel.to(tl.int32)
                 slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
                 tl.store(p_bufp + slot, b_pk, mask=m_sel)
@@ -250,7 +270,7 @@ def _indexer_topk_rows_kernel(
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                     if c_r > CAP - CHUNK * BLOCK_N:
                         t_r = _keep_top(p_bufp + r * CAP, c_r, o_c, TOPK)
-                        tau = tl.where(o_r == r, t_r, tau)
+                        tau_bits = tl.where(o_r == r, (t_r >> 32).to(tl.int32), tau_bits)
                         cnt = tl.where(o_r == r, TOPK, cnt)
         tl.debug_barrier()
         for r in range(BQ):
