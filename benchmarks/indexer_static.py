@@ -40,13 +40,13 @@ METHODS = {"dsa": (2, 64), "misa": (8, 8)}
 
 def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num_stages: int, tma: bool, topk: int, d: int):
     """The compiled kernel (``triton.compile`` for sm_90) with the constexprs ``indexer_topk`` would pass."""
-    chunk, cap = indexer_topk._buffer_shape(topk, block_n)
+    chunk, cap, keep = indexer_topk._buffer_shape(topk, block_n)
     sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16"}
     sig.update({"p_w": "*fp32", "p_buf": "*i64", "p_out": "*i32"})
     sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
     consts = dict(
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
         CHUNK=chunk, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
     )
     sig.update({n: "constexpr" for n in consts})

@@ -207,7 +207,7 @@ def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torc
         ).long()
         tiles = blocks[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
-        return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn)
+        return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn, tiles_ascending=True)
     b, s = ix.q.shape[:2]
     out = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)
     offs = torch.arange(block, device=ix.q.device)

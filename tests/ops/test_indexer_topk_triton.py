@@ -72,6 +72,34 @@ def test_fewer_visible_keys_than_topk_pads():
     assert torch.equal(got[0, 0, 2, :3], torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
 
 
+@pytest.mark.parametrize("bq", [4, 8])
+def test_row_blocks_long_rows_compact_many_times(bq):
+    """Row-blocked scan over rows of ~400 keys with Gaussian scores: each row's 64-slot list is compacted
+    many times to a window of ``topk`` to ``KEEP`` entries, then exactly to ``topk`` at the end."""
+    ix = dsa_indexer(torch.randn(1, 400, 2, 16, device=DEVICE), torch.randn(1, 400, 16, device=DEVICE), torch.randn(1, 400, 2, device=DEVICE))
+    chunk, cap, keep = indexer_topk_module._buffer_shape(11, 16)
+    assert 11 < keep < cap - chunk * 16  # the window is really wider than topk here
+    r0 = 390
+    got = indexer_topk(ix.q, ix.k, ix.w, 11, rows=(r0, 400), block_n=16, row_block=bq)
+    want = flat_ids(ix, 11, backend="torch")[:, :, r0:]
+    assert_topk_equal(ix, got, want, r0)
+
+
+def test_ascending_tiles_skip_the_sort():
+    """Ascending tile lists (HISA's), -1 padded: ids leave the scan in order without the final sort, over
+    rows long enough for several windowed compactions."""
+    ix = dsa_indexer(torch.randn(1, 320, 2, 16, device=DEVICE), torch.randn(1, 320, 16, device=DEVICE), torch.randn(1, 320, 2, device=DEVICE))
+    r0 = 316
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.stack([torch.randperm(19, generator=g)[:14].sort().values for _ in range(4)])  # 14 of the 19 full tiles
+    tiles = torch.nn.functional.pad(tiles, (0, 2), value=-1).to(torch.int32).to(DEVICE)[None, None]  # [1, 1, 4, 16]
+    got = indexer_topk(ix.q, ix.k, ix.w, 9, rows=(r0, 320), tiles=tiles, tiles_ascending=True, block_n=16)
+    cand = (tiles.long()[..., None] * 16 + torch.arange(16, device=DEVICE)).flatten(-2)
+    cand = torch.where(tiles.long().repeat_interleave(16, -1) >= 0, cand, -1)
+    want = topk_ids(candidate_scores(ix, r0, 320, cand), 9, cand)
+    assert_topk_equal(ix, got, want, r0)
+
+
 @pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
 def test_tile_list_and_pooled_forced_ends(tma):
     """Tiles in any order, -1 tiles skipped (also first and last: the one-step-ahead id load)."""
