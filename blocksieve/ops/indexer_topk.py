@@ -20,8 +20,8 @@ take one ``tl.sort`` of ``topk`` int32. Split rows (decode) return their packed 
 Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's chosen blocks), and
 ``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
 first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a row's tiles over
-several programs (decode: few rows) and merges their packed top-k lists (an int32 ``torch.topk``
-of the score bits).
+several programs (decode: few rows) and merges their packed top-k lists (:func:`merge_splits`: one
+Triton program per row, or an int32 ``torch.topk`` of the score bits for long lists).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksieve.ops._triton_utils import interpreting, next_pow2, row_view, sm_count, tma_available
 
-__all__ = ["indexer_topk"]
+__all__ = ["indexer_topk", "merge_splits"]
 
 EMPTY_SLOT = -9223372036854775807
 """Packed value of an empty slot: below every packed real score (including -inf)."""
@@ -332,7 +332,7 @@ def indexer_topk(
             leave the scan in order and the final sort is skipped (a flat scan never sorts). Ids
             come out unsorted if this is claimed falsely.
         force_ends: score the first and the last visible key +inf (HISA's forced blocks).
-        splits: programs per row (decode has few rows); their lists are merged by :func:`_merge_splits`.
+        splits: programs per row (decode has few rows); their lists are merged by :func:`merge_splits`.
         row_block: consecutive rows per program in a flat scan (no ``tiles``, ``splits = 1``): each
             key tile is loaded once for all of them and their ``row_block · H_I`` logits are one MMA.
             Worth it when ``H_I`` is small (MISA's routed heads); 1 = one row at a time.
@@ -391,7 +391,59 @@ def indexer_topk(
     )
     if splits == 1:
         return out[:, :, :, 0]
-    return _merge_splits(out.flatten(-2), min(topk, splits * keep), topk)
+    return merge_splits(out.flatten(-2), min(topk, splits * keep), topk, ascending=tiles is None or tiles_ascending)
+
+
+MERGE_MAX = 16384
+"""Most packed entries per row that :func:`merge_splits` merges in one Triton program (more: PyTorch)."""
+
+
+def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> torch.Tensor:
+    """Top ``kk`` of the split rows' packed lists ``[..., N]`` int64 → ascending int32 ids ``[..., topk]``, -1 padded.
+
+    ``ascending``: the concatenated lists hold their keys in increasing id (splits are contiguous
+    ranges of a flat scan or of an ascending tile list, each list in arrival order). Up to
+    :data:`MERGE_MAX` entries per row, one Triton program per row does it all (an exact threshold by
+    bisection, an order-keeping compaction; a sort only when not ``ascending``): one launch where
+    :func:`_merge_splits` takes about a dozen, which a decode step pays in latency. Else PyTorch.
+    """
+    n = packed.shape[-1]
+    if not (packed.is_cuda or interpreting()) or next_pow2(n) > MERGE_MAX:
+        return _merge_splits(packed, kk, topk)
+    packed = packed.contiguous()
+    out = torch.empty(*packed.shape[:-1], topk, dtype=torch.int32, device=packed.device)
+    rows = packed.numel() // n
+    if rows:
+        _merge_kernel[(rows,)](
+            packed, out, N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending,
+            num_warps=4 if n <= 2048 else 8,
+        )
+    return out
+
+
+@triton.jit
+def _merge_kernel(p_in, p_out, N: tl.constexpr, NP: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
+    """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, NP)  # [NP]
+    b_v = tl.load(p_in + i_r * N + o_n, mask=o_n < N, other=EMPTY)  # [NP]
+    m_real = b_v != EMPTY
+    tau = tl.full([], EMPTY + 1, dtype=tl.int64)  # every real entry, unless more than K_SEL
+    if tl.sum(m_real.to(tl.int32), 0) > K_SEL:
+        tau = _kth_largest(b_v, K_SEL, K_SEL)[0]
+    m_keep = m_real & (b_v >= tau)
+    kept = tl.sum(m_keep.to(tl.int32), 0)
+    pos = tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [NP] order kept
+    p_o = p_out + i_r * TOPK
+    o_k = tl.arange(0, KP)  # [KP]
+    tl.store(p_o + pos, (b_v & 0xFFFFFFFF).to(tl.int32), mask=m_keep)
+    tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= kept) & (o_k < TOPK))
+    if SORT:
+        tl.debug_barrier()
+        b_id = tl.load(p_o + o_k, mask=o_k < kept, other=2147483647)
+        b_id = tl.sort(b_id)
+        tl.debug_barrier()
+        tl.store(p_o + o_k, b_id, mask=o_k < kept)
 
 
 def _merge_splits(packed: torch.Tensor, kk: int, topk: int) -> torch.Tensor:

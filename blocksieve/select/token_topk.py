@@ -193,8 +193,10 @@ def hisa_topk(
         parts.append(flat_ids(_prefix(ix, n_early), topk, backend, row_block))
     if n_early < ix.q_len:
         parts.append(_hisa_late(ix, n_early, topk, block, m, pooled, backend))
+    if len(parts) == 1:  # decode, or a prompt entirely on one side of the gate: no copy
+        return _finish(parts[0], ix, topk)
     kk = min(topk, ix.kv_len)
-    parts = [torch.nn.functional.pad(p, (0, kk - p.shape[-1]), value=-1) for p in parts]
+    parts = [p if p.shape[-1] == kk else torch.nn.functional.pad(p, (0, kk - p.shape[-1]), value=-1) for p in parts]
     return _finish(torch.cat(parts, 2), ix, topk)
 
 

@@ -191,3 +191,23 @@ def test_tma_needs_row_view():
     assert torch.equal(indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, row_block=1), got)
     with pytest.raises(ValueError, match="tma=True needs"):
         indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, tma=True)
+
+
+@pytest.mark.parametrize("ascending", [True, False], ids=["ascending", "any-order"])
+@pytest.mark.parametrize("n,kk,topk", [(24, 8, 8), (200, 40, 48), (96, 96, 100)], ids=["short", "long-padded", "keep-all"])
+def test_fused_split_merge_matches_torch(ascending, n, kk, topk):
+    """The one-program split merge keeps exactly the ``kk`` largest packed values (ids ascending, -1 padded),
+    like the PyTorch merge, with empty slots in the lists; ``ascending`` lists need no sort."""
+    g = torch.Generator().manual_seed(n + kk)
+    rows = 3
+    ids = torch.stack([torch.randperm(4 * n, generator=g)[:n] for _ in range(rows)])  # distinct ids per row
+    if ascending:
+        ids = ids.sort(-1).values
+    bits = torch.randint(-(2**31), 2**31 - 1, (rows, n), generator=g)
+    packed = (bits << 32) | ids
+    packed[:, 1::5] = indexer_topk_module.EMPTY_SLOT  # empty slots between real entries
+    packed = packed.to(DEVICE)
+    got = indexer_topk_module.merge_splits(packed, kk, topk, ascending=ascending)
+    want = indexer_topk_module._merge_splits(packed, kk, topk)
+    assert got.dtype == torch.int32 and got.shape == (rows, topk)
+    assert torch.equal(got.cpu(), want.cpu())
