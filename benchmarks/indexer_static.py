@@ -16,6 +16,10 @@ generate other code than the GPU machine's (3.9 here, 3.6 there), so compare var
 other, and time the one worth it on the GPU (``benchmarks/indexer_launch_sweep.py``)::
 
     python -m benchmarks.indexer_static --method misa --top 15
+
+``--all`` compiles every kernel of the module in the launches the methods use (row-blocked and
+one-row scans, the split merge) and prints registers, spills and sizes: the compiler rejects
+type errors that the interpreter lets through, so this is the check to run before GPU time.
 """
 
 from __future__ import annotations
@@ -49,9 +53,47 @@ def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
         CHUNK=chunk, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
     )
-    sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(indexer_topk._indexer_topk_rows_kernel, sig, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return _compile(indexer_topk._indexer_topk_rows_kernel, sig, consts, num_warps=num_warps, num_stages=num_stages)
+
+
+def _compile(fn, sig: dict, consts: dict, **options):
+    """``triton.compile`` of ``fn`` for sm_90 with its typed arguments ``sig`` and constexprs ``consts``."""
+    sig = {**sig, **{n: "constexpr" for n in consts}}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_row_kernel(tiles: bool, packed: bool, ascending: bool, tma: bool, topk: int = 2048, block_n: int = 128, heads: int = 64, d: int = 128):
+    """The one-row-per-program scan (HISA's stages, decode splits) for sm_90, as ``indexer_topk`` launches it."""
+    chunk, cap, keep = indexer_topk._buffer_shape(topk, block_n)
+    sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16", "p_w": "*fp32"}
+    sig.update({"p_tiles": "*i32" if tiles else "*i64", "p_buf": "*i64", "p_out": "*i64" if packed else "*i32"})
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
+    sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS")})
+    consts = dict(
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n, CHUNK=chunk,
+        RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, HAS_TILES=tiles, TILES_ASCENDING=ascending, PACKED=packed, TMA=tma,
+    )
+    return _compile(indexer_topk._indexer_topk_kernel, sig, consts, num_warps=4)
+
+
+def compile_merge_kernel(n: int, kk: int, topk: int, sort: bool):
+    """The one-program-per-row split merge (``merge_splits``) for sm_90."""
+    consts = dict(N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=sort)
+    return _compile(indexer_topk._merge_kernel, {"p_in": "*i64", "p_out": "*i32"}, consts, num_warps=4 if n <= 2048 else 8)
+
+
+VARIANTS = {
+    "rows, MISA (8 x 8 heads), TMA": lambda: compile_rows_kernel(8, 8, 128, 4, 2, True, 2048, 128),
+    "rows, DSA (2 x 64 heads), TMA": lambda: compile_rows_kernel(2, 64, 128, 4, 2, True, 2048, 128),
+    "rows, MISA, gathered tiles": lambda: compile_rows_kernel(8, 8, 128, 4, 2, False, 2048, 128),
+    "row, flat (HISA's pooled scan shape)": lambda: compile_row_kernel(False, False, False, True, topk=64),
+    "row, ascending tiles (HISA's candidates)": lambda: compile_row_kernel(True, False, True, True),
+    "row, tiles in any order": lambda: compile_row_kernel(True, False, False, False),
+    "row, decode split (packed)": lambda: compile_row_kernel(True, True, True, True, topk=512),
+    "merge, 16 x 512 ascending": lambda: compile_merge_kernel(8192, 2048, 2048, False),
+    "merge, 2 x 64, sorted": lambda: compile_merge_kernel(128, 64, 64, True),
+}
+"""Every kernel of ``ops/indexer_topk.py`` in the launches the methods use (``--all``)."""
 
 
 def _tool(name: str) -> str:
@@ -116,7 +158,13 @@ def main(argv=None) -> None:
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--top", type=int, default=12, help="source lines to list")
+    ap.add_argument("--all", action="store_true", help="compile every kernel variant (a check before GPU time) and summarise each")
     args = ap.parse_args(argv)
+    if args.all:
+        for name, build in VARIANTS.items():
+            rep = static_report(build())
+            print(f"{name}: {rep['registers']} registers, {rep['spill_instructions']} spill instructions, {rep['sass']} SASS; loop {rep['loop_sass']}")
+        return
     rows, heads = METHODS[args.method]
     rows, heads = args.rows or rows, args.heads or heads
     k = compile_rows_kernel(rows, heads, args.block_n, args.num_warps, args.num_stages, not args.no_tma, args.topk, args.dim)
