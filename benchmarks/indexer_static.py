@@ -50,7 +50,7 @@ def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num
     sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
     consts = dict(
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
         CHUNK=chunk, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
     )
     return _compile(indexer_topk._indexer_topk_rows_kernel, sig, consts, num_warps=num_warps, num_stages=num_stages)
@@ -70,7 +70,7 @@ def compile_row_kernel(tiles: bool, packed: bool, ascending: bool, tma: bool, to
     sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS")})
     consts = dict(
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n, CHUNK=chunk,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, HAS_TILES=tiles, TILES_ASCENDING=ascending, PACKED=packed, TMA=tma,
     )
     return _compile(indexer_topk._indexer_topk_kernel, sig, consts, num_warps=4)
@@ -78,7 +78,7 @@ def compile_row_kernel(tiles: bool, packed: bool, ascending: bool, tma: bool, to
 
 def compile_merge_kernel(n: int, kk: int, topk: int, sort: bool):
     """The one-program-per-row split merge (``merge_splits``) for sm_90."""
-    consts = dict(N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=sort)
+    consts = dict(N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=sort, SUB=min(indexer_topk.MERGE_CHUNK, next_pow2(n)))
     return _compile(indexer_topk._merge_kernel, {"p_in": "*i64", "p_out": "*i32"}, consts, num_warps=4 if n <= 2048 else 8)
 
 

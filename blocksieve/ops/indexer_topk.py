@@ -41,25 +41,53 @@ __all__ = ["indexer_topk", "merge_splits"]
 EMPTY_SLOT = -9223372036854775807
 """Packed value of an empty slot: below every packed real score (including -inf)."""
 EMPTY = tl.constexpr(EMPTY_SLOT)
+LIST_CHUNK = 1024
+"""Scratch-list entries a compaction or a merge holds in registers at a time."""
 
 
 @triton.jit
-def _kth_largest(b_v, K: tl.constexpr, K_HI: tl.constexpr):
-    """A threshold ``lo`` with ``K <= count(b_v >= lo) <= K_HI`` over packed values ``b_v [CAP]``, and that count.
+def _list_bounds(p_list, n, SUB: tl.constexpr):
+    """Smallest real value, largest value + 1 and number of real (non-``EMPTY``) values of the packed list ``p_list[0:n]``."""
+    o_s = tl.arange(0, SUB)
+    lo = tl.full([], 9223372036854775807, dtype=tl.int64)
+    hi = tl.full([], EMPTY, dtype=tl.int64)
+    n_real = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n, SUB):
+        b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
+        m_real = b_v != EMPTY
+        lo = tl.minimum(lo, tl.min(tl.where(m_real, b_v, 9223372036854775807), 0))
+        hi = tl.maximum(hi, tl.max(b_v, 0))
+        n_real += tl.sum(m_real.to(tl.int32), 0)
+    return lo, hi + 1, n_real
 
-    The values are unique and more than ``K`` of them real. Bisection keeps
-    ``count(b_v >= lo) >= K > count(b_v >= hi)`` and stops once the count is at most ``K_HI``:
-    ``K_HI = K`` gives the ``K``-th largest value; a wider window stops after fewer passes (about 4
-    instead of 13 with a window of 256 over 4,096 slots; ``K`` ≤ the count, so no top-``K`` entry
-    is ever below the threshold).
+
+@triton.jit
+def _count_at_least(p_list, n, v, SUB: tl.constexpr):
+    """How many of the packed values ``p_list[0:n]`` are ``>= v`` (``v`` above ``EMPTY``)."""
+    o_s = tl.arange(0, SUB)
+    c = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n, SUB):
+        b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
+        c += tl.sum((b_v >= v).to(tl.int32), 0)
+    return c
+
+
+@triton.jit
+def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr):
+    """A threshold ``lo`` with ``min(K, real) <= count(>= lo) <= max(K_HI, real)`` over the packed list ``p_list[0:n]``, and that count.
+
+    The values are unique. Bisection keeps ``count(>= lo) >= K > count(>= hi)`` and stops once
+    the count is at most ``K_HI``: ``K_HI = K`` gives the ``K``-th largest value; a wider window
+    stops after fewer passes (about 4 instead of 13 with a window of 256 over 4,096 slots; ``K`` ≤
+    the count, so no top-``K`` entry is ever below the threshold). With at most ``K_HI`` real
+    values it is the smallest of them (all kept). The list is read from memory ``SUB`` values at a
+    time, each pass a count: the list never sits in registers whole, so the scan's register
+    budget is not set by it.
     """
-    m_real = b_v != EMPTY
-    lo = tl.min(tl.where(m_real, b_v, 9223372036854775807), 0)
-    hi = tl.max(b_v, 0) + 1
-    c_lo = tl.sum(m_real.to(tl.int32), 0)
+    lo, hi, c_lo = _list_bounds(p_list, n, SUB)
     while (c_lo > K_HI) & (lo + 1 < hi):
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
-        c = tl.sum((b_v >= mid).to(tl.int32), 0)
+        c = _count_at_least(p_list, n, mid, SUB)
         up = c >= K
         lo = tl.where(up, mid, lo)
         c_lo = tl.where(up, c, c_lo)
@@ -92,19 +120,25 @@ def _pack(b_sc, o_key):
 
 
 @triton.jit
-def _keep_top(p_bufr, cnt, o_c, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr):
+def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.constexpr):
     """Compact the ``cnt`` packed entries at ``p_bufr`` to their largest ``TOPK`` to ``KEEP_MAX`` (in order).
 
     Returns the threshold (the smallest kept value) and the number kept. ``KEEP_MAX = TOPK`` keeps
     exactly the top ``TOPK`` (the end of a row); inside the scan a wider window costs fewer passes.
+    Works through the list ``SUB`` entries at a time, in place (a chunk's entries move only to
+    slots before it).
     """
-    tl.debug_barrier()
-    b_buf = tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY)  # [CAP]
-    tau, kept = _kth_largest(b_buf, TOPK, KEEP_MAX)
-    m_keep = b_buf >= tau
-    i_pos = tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [CAP]
-    tl.debug_barrier()
-    tl.store(p_bufr + i_pos, b_buf, mask=m_keep)
+    tl.debug_barrier()  # the appends of every thread are visible
+    tau, kept = _threshold(p_bufr, cnt, TOPK, KEEP_MAX, SUB)
+    o_s = tl.arange(0, SUB)
+    base = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, cnt, SUB):
+        b_v = tl.load(p_bufr + c0 + o_s, mask=c0 + o_s < cnt, other=EMPTY)  # [SUB]
+        m_keep = b_v >= tau
+        i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [SUB]
+        tl.debug_barrier()  # the chunk is read before any of it is overwritten
+        tl.store(p_bufr + i_pos, b_v, mask=m_keep)
+        base += tl.sum(m_keep.to(tl.int32), 0)
     tl.debug_barrier()
     return tau, kept
 
@@ -114,14 +148,13 @@ def _indexer_topk_kernel(
     p_q, p_k, desc_k, p_w, p_tiles, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     HAS_TILES: tl.constexpr, TILES_ASCENDING: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
 ):
     o_h = tl.arange(0, HP)  # [HP]
     o_d = tl.arange(0, D)  # [D]
     o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    o_c = tl.arange(0, CAP)  # [CAP]
     m_h = o_h < H
     p_bufr = p_buf + tl.program_id(0).to(tl.int64) * CAP
     for i_loop in range(tl.program_id(0), TOTAL, NPROG):
@@ -179,34 +212,38 @@ def _indexer_topk_kernel(
                 tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
                 cnt += tl.sum(i_sel, 0)
             if cnt > CAP - CHUNK * BLOCK_N:  # no room for another chunk: keep the TOPK best
-                tau, cnt = _keep_top(p_bufr, cnt, o_c, TOPK, KEEP)
+                tau, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB)
                 tau_bits = (tau >> 32).to(tl.int32)
         tl.debug_barrier()
-        _finish_row(p_bufr, cnt, o_c, p_out + i_w * TOPK, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING)
+        _finish_row(p_bufr, cnt, p_out + i_w * TOPK, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB)
 
 
 @triton.jit
-def _finish_row(p_bufr, cnt, o_c, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr):
+def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
     """Write a row's top ``TOPK`` of the ``cnt`` packed entries at ``p_bufr`` to ``p_o``.
 
-    Ascending int32 key ids with -1 padding, or (``PACKED``, split rows) the packed values unordered.
-    Appends and compactions keep the list in arrival order, so when the keys arrived in increasing
-    id (a flat scan, or ascending tiles) the ids are already ascending and ``SORT = False`` skips
-    the sort.
+    Ascending int32 key ids with -1 padding, or (``PACKED``, split rows) the packed values, ``EMPTY``
+    padded. Appends and compactions keep the list in arrival order, so when the keys arrived in
+    increasing id (a flat scan, or ascending tiles) the ids are already ascending: without ``SORT``
+    the row is copied out ``SUB`` entries at a time; with it, sorted (one ``tl.sort`` of ``KP``).
     """
     if cnt > TOPK:
-        _keep_top(p_bufr, cnt, o_c, TOPK, TOPK)
+        _keep_top(p_bufr, cnt, TOPK, TOPK, SUB)
         cnt = tl.full([], TOPK, dtype=tl.int32)
-    o_k = tl.arange(0, KP)  # [KP]
-    m_k = o_k < cnt
-    b_top = tl.load(p_bufr + o_k, mask=m_k, other=EMPTY)  # [KP] unordered
-    if PACKED:  # split rows: packed (score, id) lists, merged on the host
-        tl.store(p_o + o_k, b_top, mask=o_k < TOPK)
-    else:
-        b_id = tl.where(m_k, (b_top & 0xFFFFFFFF).to(tl.int32), 2147483647)
-        if SORT:
-            b_id = tl.sort(b_id)  # ascending ids, invalid last
+    if SORT:
+        o_k = tl.arange(0, KP)  # [KP]
+        b_top = tl.load(p_bufr + o_k, mask=o_k < cnt, other=EMPTY)
+        b_id = tl.sort(tl.where(o_k < cnt, (b_top & 0xFFFFFFFF).to(tl.int32), 2147483647))  # ascending ids, invalid last
         tl.store(p_o + o_k, tl.where(b_id == 2147483647, -1, b_id), mask=o_k < TOPK)
+    else:
+        o_s = tl.arange(0, SUB)
+        for c0 in range(0, TOPK, SUB):
+            m_k = c0 + o_s < cnt
+            b_top = tl.load(p_bufr + c0 + o_s, mask=m_k, other=EMPTY)  # [SUB]
+            if PACKED:  # split rows: packed (score, id) lists, merged by merge_splits
+                tl.store(p_o + c0 + o_s, b_top, mask=c0 + o_s < TOPK)
+            else:
+                tl.store(p_o + c0 + o_s, tl.where(m_k, (b_top & 0xFFFFFFFF).to(tl.int32), -1), mask=c0 + o_s < TOPK)
     tl.debug_barrier()
 
 
@@ -215,7 +252,7 @@ def _indexer_topk_rows_kernel(
     p_q, p_k, desc_k, p_w, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -232,7 +269,6 @@ def _indexer_topk_rows_kernel(
     o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh % BQ, head o_rh // BQ (head-major)
     o_d = tl.arange(0, D)  # [D]
     o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    o_c = tl.arange(0, CAP)  # [CAP]
     p_bufp = p_buf + tl.program_id(0).to(tl.int64) * (BQ * CAP)
     for i_loop in range(tl.program_id(0), TOTAL, NPROG):
         i_w = tl.full([], 0, dtype=tl.int64) + i_loop
@@ -283,7 +319,7 @@ def _indexer_topk_rows_kernel(
                 for r in range(BQ):
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                     if c_r > CAP - CHUNK * BLOCK_N:
-                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, o_c, TOPK, KEEP)
+                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, TOPK, KEEP, SUB)
                         tau_bits = tl.where(o_r == r, (t_r >> 32).to(tl.int32), tau_bits)
                         cnt = tl.where(o_r == r, k_r, cnt)
         tl.debug_barrier()
@@ -291,7 +327,7 @@ def _indexer_topk_rows_kernel(
             if i_row0 + r < NT_ROWS:
                 c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                 i_out = (i_bs * NT_ROWS + i_row0 + r) * TOPK
-                _finish_row(p_bufp + r * CAP, c_r, o_c, p_out + i_out, TOPK, KP, False, False)
+                _finish_row(p_bufp + r * CAP, c_r, p_out + i_out, TOPK, KP, False, False, SUB)
 
 
 def indexer_topk(
@@ -384,7 +420,7 @@ def indexer_topk(
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
-        TOPK=keep, KP=next_pow2(keep), CAP=cap, KEEP=keep_max, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
+        TOPK=keep, KP=next_pow2(keep), CAP=cap, KEEP=keep_max, SUB=min(LIST_CHUNK, cap), HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
         HAS_TILES=tiles is not None, TILES_ASCENDING=tiles_ascending, PACKED=splits > 1, TMA=desc_k is not None, num_warps=num_warps,
         **_stages(num_stages),
@@ -396,6 +432,8 @@ def indexer_topk(
 
 MERGE_MAX = 16384
 """Most packed entries per row that :func:`merge_splits` merges in one Triton program (more: PyTorch)."""
+MERGE_CHUNK = 8192
+"""Entries the merge program reads at a time (8,192 int64 over 8 warps: 32 per thread; the passes hit L1)."""
 
 
 def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> torch.Tensor:
@@ -415,35 +453,35 @@ def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> t
     rows = packed.numel() // n
     if rows:
         _merge_kernel[(rows,)](
-            packed, out, N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending,
+            packed, out, N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)),
             num_warps=4 if n <= 2048 else 8,
         )
     return out
 
 
 @triton.jit
-def _merge_kernel(p_in, p_out, N: tl.constexpr, NP: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr):
+def _merge_kernel(p_in, p_out, N: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
     """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded."""
     i_r = tl.program_id(0).to(tl.int64)
-    o_n = tl.arange(0, NP)  # [NP]
-    b_v = tl.load(p_in + i_r * N + o_n, mask=o_n < N, other=EMPTY)  # [NP]
-    m_real = b_v != EMPTY
-    tau = tl.full([], EMPTY + 1, dtype=tl.int64)  # every real entry, unless more than K_SEL
-    if tl.sum(m_real.to(tl.int32), 0) > K_SEL:
-        tau = _kth_largest(b_v, K_SEL, K_SEL)[0]
-    m_keep = m_real & (b_v >= tau)
-    kept = tl.sum(m_keep.to(tl.int32), 0)
-    pos = tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [NP] order kept
+    p_row = p_in + i_r * N
+    tau, kept = _threshold(p_row, N, K_SEL, K_SEL, SUB)  # all real values when at most K_SEL
     p_o = p_out + i_r * TOPK
+    o_s = tl.arange(0, SUB)
+    base = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, N, SUB):  # order-keeping compaction of the ids
+        b_v = tl.load(p_row + c0 + o_s, mask=c0 + o_s < N, other=EMPTY)  # [SUB]
+        m_keep = b_v >= tau
+        i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1
+        tl.store(p_o + i_pos, (b_v & 0xFFFFFFFF).to(tl.int32), mask=m_keep)
+        base += tl.sum(m_keep.to(tl.int32), 0)
     o_k = tl.arange(0, KP)  # [KP]
-    tl.store(p_o + pos, (b_v & 0xFFFFFFFF).to(tl.int32), mask=m_keep)
-    tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= kept) & (o_k < TOPK))
+    tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
     if SORT:
         tl.debug_barrier()
-        b_id = tl.load(p_o + o_k, mask=o_k < kept, other=2147483647)
+        b_id = tl.load(p_o + o_k, mask=o_k < base, other=2147483647)
         b_id = tl.sort(b_id)
         tl.debug_barrier()
-        tl.store(p_o + o_k, b_id, mask=o_k < kept)
+        tl.store(p_o + o_k, b_id, mask=o_k < base)
 
 
 def _merge_splits(packed: torch.Tensor, kk: int, topk: int) -> torch.Tensor:
@@ -509,7 +547,7 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
         num_warps=num_warps, **_stages(num_stages),
     )

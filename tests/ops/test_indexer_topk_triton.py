@@ -48,9 +48,12 @@ def test_flat_scan_matches_torch(relu, splits):
     assert_topk_equal(ix, got, want, r0)
 
 
-@pytest.mark.parametrize("topk,splits", [(8, 1), (11, 1), (11, 2)], ids=["k8", "k11", "k11-split2"])
-def test_long_rows_refill_the_buffer(topk, splits):
-    """Rows of 200-300 keys overflow the 64-slot buffer several times (threshold + compaction path)."""
+@pytest.mark.parametrize("topk,splits,list_chunk", [(8, 1, 1024), (11, 1, 1024), (11, 2, 1024), (11, 1, 16), (11, 2, 16)],
+                         ids=["k8", "k11", "k11-split2", "k11-chunked", "k11-split2-chunked"])
+def test_long_rows_refill_the_buffer(topk, splits, list_chunk, monkeypatch):
+    """Rows of 200-300 keys overflow the 64-slot buffer several times (threshold + compaction path),
+    the list read whole or 16 entries at a time."""
+    monkeypatch.setattr(indexer_topk_module, "LIST_CHUNK", list_chunk)
     ix = dsa_indexer(torch.randn(1, 300, 2, 16, device=DEVICE), torch.randn(1, 300, 16, device=DEVICE), torch.randn(1, 300, 2, device=DEVICE))
     r0 = 296
     got = indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, 300), block_n=16, splits=splits)
@@ -72,10 +75,13 @@ def test_fewer_visible_keys_than_topk_pads():
     assert torch.equal(got[0, 0, 2, :3], torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
 
 
-@pytest.mark.parametrize("bq", [4, 8])
-def test_row_blocks_long_rows_compact_many_times(bq):
-    """Row-blocked scan over rows of ~400 keys with Gaussian scores: each row's 64-slot list is compacted
-    many times to a window of ``topk`` to ``KEEP`` entries, then exactly to ``topk`` at the end."""
+@pytest.mark.parametrize("list_chunk", [1024, 16], ids=["list-whole", "list-in-4-chunks"])
+@pytest.mark.parametrize("bq", [1, 4, 8])
+def test_row_blocks_long_rows_compact_many_times(bq, list_chunk, monkeypatch):
+    """Rows of ~400 keys with Gaussian scores: each row's 64-slot list is compacted many times to a
+    window of ``topk`` to ``KEEP`` entries, then exactly to ``topk`` at the end; the compaction reads
+    the list whole or ``LIST_CHUNK`` entries at a time (in place, chunk after chunk)."""
+    monkeypatch.setattr(indexer_topk_module, "LIST_CHUNK", list_chunk)
     ix = dsa_indexer(torch.randn(1, 400, 2, 16, device=DEVICE), torch.randn(1, 400, 16, device=DEVICE), torch.randn(1, 400, 2, device=DEVICE))
     chunk, cap, keep = indexer_topk_module._buffer_shape(11, 16)
     assert 11 < keep < cap - chunk * 16  # the window is really wider than topk here
@@ -193,11 +199,14 @@ def test_tma_needs_row_view():
         indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, tma=True)
 
 
+@pytest.mark.parametrize("merge_chunk", [8192, 32], ids=["whole", "chunked"])
 @pytest.mark.parametrize("ascending", [True, False], ids=["ascending", "any-order"])
 @pytest.mark.parametrize("n,kk,topk", [(24, 8, 8), (200, 40, 48), (96, 96, 100)], ids=["short", "long-padded", "keep-all"])
-def test_fused_split_merge_matches_torch(ascending, n, kk, topk):
+def test_fused_split_merge_matches_torch(ascending, n, kk, topk, merge_chunk, monkeypatch):
     """The one-program split merge keeps exactly the ``kk`` largest packed values (ids ascending, -1 padded),
-    like the PyTorch merge, with empty slots in the lists; ``ascending`` lists need no sort."""
+    like the PyTorch merge, with empty slots in the lists; ``ascending`` lists need no sort; the lists
+    are read whole or 32 entries at a time."""
+    monkeypatch.setattr(indexer_topk_module, "MERGE_CHUNK", merge_chunk)
     g = torch.Generator().manual_seed(n + kk)
     rows = 3
     ids = torch.stack([torch.randperm(4 * n, generator=g)[:n] for _ in range(rows)])  # distinct ids per row
