@@ -47,7 +47,7 @@ def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num
     chunk, cap, keep = indexer_topk._buffer_shape(topk, block_n)
     sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16"}
     sig.update({"p_w": "*fp32", "p_buf": "*i64", "p_out": "*i32"})
-    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt", "s_ob", "s_os", "s_ot")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
     consts = dict(
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
@@ -67,7 +67,7 @@ def compile_row_kernel(tiles: bool, packed: bool, ascending: bool, tma: bool, to
     chunk, cap, keep = indexer_topk._buffer_shape(topk, block_n)
     sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16", "p_w": "*fp32"}
     sig.update({"p_tiles": "*i32" if tiles else "*i64", "p_buf": "*i64", "p_out": "*i64" if packed else "*i32"})
-    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt", "s_ob", "s_os", "s_ot")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS")})
     consts = dict(
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n, CHUNK=chunk,

@@ -146,7 +146,7 @@ def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.c
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS"])
 def _indexer_topk_kernel(
     p_q, p_k, desc_k, p_w, p_tiles, p_buf, p_out,
-    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
+    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt, s_ob, s_os, s_ot,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
@@ -215,7 +215,8 @@ def _indexer_topk_kernel(
                 tau, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB)
                 tau_bits = (tau >> 32).to(tl.int32)
         tl.debug_barrier()
-        _finish_row(p_bufr, cnt, p_out + i_w * TOPK, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB)
+        p_o = p_out + i_b * s_ob + i_s * s_os + (i_r % NT_ROWS) * s_ot + i_p * TOPK
+        _finish_row(p_bufr, cnt, p_o, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB)
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: 
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG"])
 def _indexer_topk_rows_kernel(
     p_q, p_k, desc_k, p_w, p_buf, p_out,
-    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
+    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt, s_ob, s_os, s_ot,
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
@@ -326,8 +327,8 @@ def _indexer_topk_rows_kernel(
         for r in range(BQ):
             if i_row0 + r < NT_ROWS:
                 c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
-                i_out = (i_bs * NT_ROWS + i_row0 + r) * TOPK
-                _finish_row(p_bufp + r * CAP, c_r, p_out + i_out, TOPK, KP, False, False, SUB)
+                p_o = p_out + i_b * s_ob + i_s * s_os + (i_row0 + r) * s_ot
+                _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB)
 
 
 def indexer_topk(
@@ -350,6 +351,7 @@ def indexer_topk(
     num_warps: int = 4,
     tma: Optional[bool] = None,
     num_stages: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Top-``topk`` keys of ``I[t,s] = Σ_j w[t,j]·act(q[t,j]·k[s])`` per row, fused (no logits stored).
 
@@ -376,9 +378,13 @@ def indexer_topk(
         tma: load key tiles with Hopper's tensor memory accelerator (None: when the GPU has it and
             ``k`` is one ``[B·S·Lkv, d]`` row view; True requires it).
         num_stages: software-pipelining depth of the tile loop (None: Triton's default).
+        out: int32 ``[B, S, t1 - t0, topk]`` to write into instead of a new tensor, last dim
+            contiguous (e.g. a slice of a larger layout, so that parts need no concatenation);
+            ``splits = 1`` only.
 
     Returns:
-        int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible.
+        int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible
+        (``out`` when given).
     """
     b, s, lq, h, d = q.shape
     lkv = k.shape[2]
@@ -403,10 +409,16 @@ def indexer_topk(
         raise ValueError(f"row_block={row_block} must be a power of two >= 1")
     if row_block > 1 and (tiles is not None or splits > 1):
         raise ValueError("row_block > 1 is for flat scans: pass tiles=None and splits=1")
+    if out is not None:
+        if splits > 1:
+            raise ValueError("out= is for splits=1 (split rows are merged into a new tensor)")
+        if out.dtype != torch.int32 or tuple(out.shape) != (b, s, nrows, topk) or out.stride(-1) != 1:
+            raise ValueError(f"out must be int32 [B, S, rows, topk] = {(b, s, nrows, topk)} with a contiguous last dim, "
+                             f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     desc_k = _key_descriptor(k, block_n, tma)
     if row_block > 1:
         args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, row_block, num_warps, num_stages)
-        return _rows_launch(q, k, desc_k, w, topk, *args)
+        return _rows_launch(q, k, desc_k, w, topk, *args, out)
     # A split sees at most ``per_split`` keys, so keeping that many of each is already exact: short
     # splits (HISA's 8192 candidates over 16 programs) keep 512, not ``topk``, and merge less.
     per_split = -(-(num_tiles if tiles is not None else -(-lkv // block_n)) // splits) * block_n
@@ -414,11 +426,12 @@ def indexer_topk(
     chunk, cap, keep_max = _buffer_shape(keep, block_n)
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
     buf = torch.empty(nprog, cap, dtype=torch.int64, device=q.device)
-    out = torch.empty(b, s, nrows, splits, keep, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
+    if out is None:
+        out = torch.empty(b, s, nrows, splits * keep, dtype=torch.int64 if splits > 1 else torch.int32, device=q.device)
     _indexer_topk_kernel[(nprog,)](
         q, k, desc_k, w, tiles if tiles is not None else buf, buf, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
         TOPK=keep, KP=next_pow2(keep), CAP=cap, KEEP=keep_max, SUB=min(LIST_CHUNK, cap), HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
@@ -426,8 +439,8 @@ def indexer_topk(
         **_stages(num_stages),
     )
     if splits == 1:
-        return out[:, :, :, 0]
-    return merge_splits(out.flatten(-2), min(topk, splits * keep), topk, ascending=tiles is None or tiles_ascending)
+        return out
+    return merge_splits(out, min(topk, splits * keep), topk, ascending=tiles is None or tiles_ascending)
 
 
 MERGE_MAX = 16384
@@ -532,7 +545,7 @@ def _buffer_shape(topk: int, block_n: int) -> tuple:
     return chunk, cap, topk + (cap - chunk * block_n - topk) // 4
 
 
-def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, bq, num_warps, num_stages):
+def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, bq, num_warps, num_stages, out):
     """:func:`indexer_topk`'s flat scan with ``bq`` rows per program (arguments already checked)."""
     chunk, cap, keep = _buffer_shape(topk, block_n)
     b, s, lq, h, d = q.shape
@@ -541,11 +554,12 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
     total = b * s * nblk
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 4))
     buf = torch.empty(nprog, bq * cap, dtype=torch.int64, device=q.device)
-    out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device)
+    if out is None:
+        out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device)
     _indexer_topk_rows_kernel[(nprog,)](
         q, k, desc_k, w, buf, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
-        w.stride(0), w.stride(1), w.stride(2),
+        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,

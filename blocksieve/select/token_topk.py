@@ -188,6 +188,8 @@ def hisa_topk(
     if pooled is None:
         pooled = pool_keys(ix.k, block, pool)
     n_early = min(ix.q_len, max(0, m * block - (ix.kv_len - ix.q_len)))
+    if 0 < n_early < ix.q_len and _use_triton(ix, backend) and block >= 16:
+        return _finish(_hisa_kernels(ix, n_early, topk, block, m, pooled, row_block), ix, topk)
     parts = []
     if n_early:
         parts.append(flat_ids(_prefix(ix, n_early), topk, backend, row_block))
@@ -200,7 +202,26 @@ def hisa_topk(
     return _finish(torch.cat(parts, 2), ix, topk)
 
 
-def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torch.Tensor, backend: str) -> torch.Tensor:
+def _hisa_kernels(ix: Indexer, n_early: int, topk: int, block: int, m: int, pooled: torch.Tensor, row_block: Optional[int]) -> torch.Tensor:
+    """HISA on the GPU with rows on both sides of the gate: both scans write into one int32 ``[B, S, Lq, K]``.
+
+    The early rows' exact scan fills its columns (``min(topk, their keys)``, the rest -1) and the
+    late rows' candidate scan the others, so the layout is never held twice (no concatenation).
+    """
+    b, s = ix.q.shape[:2]
+    kk = min(topk, ix.kv_len)
+    out = torch.empty(b, s, ix.q_len, kk, dtype=torch.int32, device=ix.q.device)
+    early = _prefix(ix, n_early)
+    ke = min(topk, early.kv_len)
+    out[:, :, :n_early, ke:] = -1
+    _kernel(early, ke, row_block=row_block, out=out[:, :, :n_early, :ke])
+    _hisa_late(ix, n_early, topk, block, m, pooled, "triton", out=out[:, :, n_early:])
+    return out
+
+
+def _hisa_late(
+    ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torch.Tensor, backend: str, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     if _use_triton(ix, backend) and block >= 16:  # MMA tiles need >= 16 keys
         bn = min(128, block)  # one tile per 128-key block (faster than two of 64 on an H200)
         blocks = _kernel(  # one row per program: the pooled scan is short (faster measured on an H200)
@@ -209,7 +230,7 @@ def _hisa_late(ix: Indexer, r0: int, topk: int, block: int, m: int, pooled: torc
         ).long()
         tiles = blocks[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
-        return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn, tiles_ascending=True)
+        return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn, tiles_ascending=True, out=out)
     b, s = ix.q.shape[:2]
     out = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)
     offs = torch.arange(block, device=ix.q.device)

@@ -220,3 +220,27 @@ def test_fused_split_merge_matches_torch(ascending, n, kk, topk, merge_chunk, mo
     want = indexer_topk_module._merge_splits(packed, kk, topk)
     assert got.dtype == torch.int32 and got.shape == (rows, topk)
     assert torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("bq", [1, 4])
+def test_out_slice_of_a_larger_layout(bq):
+    """``out=``: rows written into a strided slice (row stride wider than topk, two batch entries), the
+    rest of the larger tensor untouched, values equal to a fresh output."""
+    ix = dsa_indexer(torch.randn(2, 60, 2, 16, device=DEVICE), torch.randn(2, 60, 16, device=DEVICE), torch.randn(2, 60, 2, device=DEVICE))
+    r0 = 52
+    big = torch.full((2, 1, 60, 9), 7, dtype=torch.int32, device=DEVICE)
+    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 60), block_n=16, row_block=bq, out=big[:, :, r0:, 1:7])
+    want = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 60), block_n=16, row_block=bq)
+    assert got.data_ptr() == big[:, :, r0:, 1:7].data_ptr()
+    assert torch.equal(big[:, :, r0:, 1:7], want)
+    assert (big[:, :, :r0] == 7).all() and (big[..., 0] == 7).all() and (big[..., 7:] == 7).all()
+
+
+def test_out_rejects_wrong_tensors():
+    ix = dsa_indexer(torch.randn(1, 40, 2, 16, device=DEVICE), torch.randn(1, 40, 16, device=DEVICE), torch.randn(1, 40, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be int32"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), out=torch.empty(1, 1, 4, 4, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="out must be int32"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), out=torch.empty(1, 1, 4, 5, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="out= is for splits=1"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, out=torch.empty(1, 1, 4, 4, dtype=torch.int32, device=DEVICE))
