@@ -227,9 +227,11 @@ def _hisa_late(
         blocks = _kernel(  # one row per program: the pooled scan is short (faster measured on an H200)
             ix, m, keys=pooled.contiguous(), rows=(r0, ix.q_len), kv_tokens=ix.kv_len, pos_mult=block, force_ends=True,
             row_block=1,
-        ).long()
-        tiles = blocks[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
-        tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
+        )
+        tiles = blocks  # int32 block ids, ascending, -1 padded: one tile per block when block <= 128
+        if block > bn:
+            tiles = blocks.long()[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
+            tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
         return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn, tiles_ascending=True, out=out)
     b, s = ix.q.shape[:2]
     out = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)

@@ -135,6 +135,17 @@ def test_hisa_and_misa_kernel_paths_match_torch():
         assert_topk_equal(ix, got.indices, want.indices.long(), 0)
 
 
+def test_hisa_blocks_wider_than_a_tile():
+    """Blocks of 256 keys are scanned as two 128-key tiles each (the tile list is expanded from the
+    chosen blocks); a chunk of 6 query rows at the end of 600 keys, all past the gate."""
+    from blocksieve.select.token_topk import hisa_topk
+
+    q, k = torch.randn(1, 2, 6, 16, device=DEVICE), torch.randn(1, 1, 600, 16, device=DEVICE)
+    ix = gqa_indexer(q, k)
+    got, want = hisa_topk(ix, 8, block=256, m=2, backend="triton"), hisa_topk(ix, 8, block=256, m=2, backend="torch")
+    assert_topk_equal(ix, got.indices, want.indices.long(), 0)
+
+
 @pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
 @pytest.mark.parametrize("relu,bq", [(True, 2), (True, 4), (False, 8)], ids=["relu-bq2", "relu-bq4", "linear-bq8"])
 def test_row_blocks_match_torch(relu, bq, tma):
