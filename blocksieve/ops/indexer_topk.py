@@ -1,21 +1,21 @@
 """Fused indexer score + top-k (Triton): the exact DSA top-k without storing any ``Lq × Lkv`` logits.
 
-One program handles one query row (of one index set) at a time, looping over rows in a
-persistent grid. For each tile of ``BLOCK_N`` keys it computes the indexer logits of all ``H_I``
-heads with one MMA (keys are the M dimension, heads the N dimension padded to 16, so the weighted
-sum over heads reduces within a warp), applies the activation and the head weights, and packs
-each score with its key id into one order-preserving int64 (``score bits << 32 | key``, unique
-per row). Keys above the row's running threshold ``tau`` (tested on the score bits alone, one
-int32 compare: :func:`_admits`) are appended to a per-program scratch buffer of ``CAP`` slots. Tiles are scanned in chunks (up to 1024
-keys); after a chunk, if the buffer lacks room for another, ``tau`` is raised by bisection on the
-packed value (counting passes, no sort) until between ``topk`` and ``KEEP`` entries are ``>= tau``
-(a window, so a few passes suffice; no top-``topk`` entry is ever dropped) and the buffer is
-compacted to those (the tile loop itself holds no nested loop, so Triton can pipeline its loads).
-The row's final compaction is exact: its ``topk`` largest. Once the keys fall into the
-running top-k rarely (the steady state), a tile costs one MMA and one compare. At the end of a row
-the kept ids are ascending, so the result is a TokenLayout row as is: the list holds them in
-arrival order, which is ascending for a flat scan and for ascending tile lists; other tile lists
-take one ``tl.sort`` of ``topk`` int32. Split rows (decode) return their packed lists unsorted.
+A persistent grid of programs loops over query rows (of one index set each; the row-blocked
+kernel takes ``BQ`` consecutive rows at a time and shares each key tile among them). For each
+tile of ``BLOCK_N`` keys one MMA computes the indexer logits of all heads (keys are the M
+dimension, heads the N dimension, so the weighted head sum reduces inside a warp or a thread),
+then the activation and the head weights. Keys whose score may beat the row's running threshold
+``tau`` (one int32 compare of the score bits: :func:`_admits`) are appended, packed with their id
+into one order-preserving int64 (``score bits << 32 | key``, unique per row), to the row's
+scratch list of ``CAP`` slots. Tiles are scanned in chunks (up to 1,024 keys; the tile loop holds
+no nested loop, so Triton pipelines its loads); after a chunk, if the list lacks room for
+another, ``tau`` is raised by bisection on the packed value (counting passes, no sort) until
+between ``topk`` and ``KEEP`` entries are ``>= tau`` (a window, so a few passes suffice; no
+top-``topk`` entry is ever dropped) and the list is compacted to those, in order. The list is
+worked through ``LIST_CHUNK`` entries at a time, so it never sits in registers whole. The row's
+final compaction is exact. Appends and compactions keep arrival order, so the kept ids of a flat
+scan or an ascending tile list come out ascending (a TokenLayout row as is); other tile lists
+take one ``tl.sort``. Split rows (decode) return their packed lists.
 
 Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's chosen blocks), and
 ``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
