@@ -233,16 +233,18 @@ def _hisa_late(
             tiles = blocks.long()[..., None] * (block // bn) + torch.arange(block // bn, device=blocks.device)
             tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
         return _kernel(ix, min(topk, ix.kv_len), rows=(r0, ix.q_len), tiles=tiles, block_n=bn, tiles_ascending=True, out=out)
+    if out is not None:
+        raise ValueError("out= is for the Triton path of HISA's late rows")
     b, s = ix.q.shape[:2]
-    out = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)
+    ids = torch.empty(b, s, ix.q_len - r0, min(topk, m * block), dtype=torch.int64, device=ix.q.device)
     offs = torch.arange(block, device=ix.q.device)
     step = chunk_rows(ix, m * block * max(1, ix.q.shape[-1] // ix.num_heads))
     for c0 in range(r0, ix.q_len, step):
         c1 = min(ix.q_len, c0 + step)
         blocks = _coarse_torch(ix, c0, c1, pooled, block, m)
         cand = torch.where(blocks[..., None] >= 0, blocks[..., None] * block + offs, -1).flatten(-2)
-        out[:, :, c0 - r0 : c1 - r0] = topk_ids(candidate_scores(ix, c0, c1, cand), topk, cand)
-    return out
+        ids[:, :, c0 - r0 : c1 - r0] = topk_ids(candidate_scores(ix, c0, c1, cand), topk, cand)
+    return ids
 
 
 def _route_with_kernel(ix: Indexer, backend: str) -> bool:
