@@ -5,9 +5,11 @@ kernel takes ``BQ`` consecutive rows at a time and shares each key tile among th
 tile of ``BLOCK_N`` keys one MMA computes the indexer logits of all heads (keys are the M
 dimension, heads the N dimension, so the weighted head sum reduces inside a warp or a thread),
 then the activation and the head weights. Keys whose score may beat the row's running threshold
-``tau`` (one int32 compare of the score bits: :func:`_admits`) are appended, packed with their id
-into one order-preserving int64 (``score bits << 32 | key``, unique per row), to the row's
-scratch list of ``CAP`` slots. Tiles are scanned in chunks (up to 1,024 keys; the tile loop holds
+``tau`` are appended, packed with their id into one order-preserving int64 (``score bits << 32 |
+key``, unique per row), to the row's scratch list of ``CAP`` slots. The admission test is one
+int32 compare of the score bits with ``tau``'s: a key whose packed value beats ``tau`` has score
+bits ``>=`` its bits, so none is dropped, and the equal-score keys let in beyond those (none in a
+scan of increasing ids) leave at the next compaction. Tiles are scanned in chunks (up to 1,024 keys; the tile loop holds
 no nested loop, so Triton pipelines its loads); after a chunk, if the list lacks room for
 another, ``tau`` is raised by bisection on the packed value (counting passes, no sort) until
 between ``topk`` and ``KEEP`` entries are ``>= tau`` (a window, so a few passes suffice; no
@@ -62,17 +64,6 @@ def _list_bounds(p_list, n, SUB: tl.constexpr):
 
 
 @triton.jit
-def _count_at_least(p_list, n, v, SUB: tl.constexpr):
-    """How many of the packed values ``p_list[0:n]`` are ``>= v`` (``v`` above ``EMPTY``)."""
-    o_s = tl.arange(0, SUB)
-    c = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, n, SUB):
-        b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-        c += tl.sum((b_v >= v).to(tl.int32), 0)
-    return c
-
-
-@triton.jit
 def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr):
     """A threshold ``lo`` with ``min(K, real) <= count(>= lo) <= max(K_HI, real)`` over the packed list ``p_list[0:n]``, and that count.
 
@@ -85,9 +76,13 @@ def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr
     budget is not set by it.
     """
     lo, hi, c_lo = _list_bounds(p_list, n, SUB)
+    o_s = tl.arange(0, SUB)
     while (c_lo > K_HI) & (lo + 1 < hi):
         mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
-        c = _count_at_least(p_list, n, mid, SUB)
+        c = tl.zeros([], dtype=tl.int32)  # count(>= mid)
+        for c0 in range(0, n, SUB):
+            b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
+            c += tl.sum((b_v >= mid).to(tl.int32), 0)
         up = c >= K
         lo = tl.where(up, mid, lo)
         c_lo = tl.where(up, c, c_lo)
@@ -103,20 +98,9 @@ def _score_bits(b_sc):
 
 
 @triton.jit
-def _admits(b_sc, tau_bits):
-    """Whether scores may enter a row's list whose threshold (a packed value) has score bits ``tau_bits``.
-
-    A key whose packed value beats the threshold has score bits ``>= tau_bits``, so the int32 test
-    never drops one; the keys it lets in beyond those (equal score, lower id: none in a scan of
-    increasing ids) are dropped by the next compaction.
-    """
-    return _score_bits(b_sc) >= tau_bits
-
-
-@triton.jit
-def _pack(b_sc, o_key):
-    """Scores and key ids (same shape) → one int64 each, ordered by score then id (unique per row)."""
-    return (_score_bits(b_sc).to(tl.int64) << 32) | o_key.to(tl.int64)
+def _pack(bits, o_key):
+    """Score bits (:func:`_score_bits`) and key ids → one int64 each, ordered by score then id (unique per row)."""
+    return (bits.to(tl.int64) << 32) | o_key.to(tl.int64)
 
 
 @triton.jit
@@ -206,8 +190,9 @@ def _indexer_topk_kernel(
                 b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
                 if FORCE_ENDS:
                     b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
-                b_pk = _pack(b_sc, o_key)  # [BLOCK_N]
-                m_sel = m_key & _admits(b_sc, tau_bits)
+                bits = _score_bits(b_sc)  # [BLOCK_N]
+                m_sel = m_key & (bits >= tau_bits)  # the admission test (module docstring)
+                b_pk = _pack(bits, o_key)  # [BLOCK_N]
                 i_sel = m_sel.to(tl.int32)
                 tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
                 cnt += tl.sum(i_sel, 0)
@@ -264,7 +249,7 @@ def _indexer_topk_rows_kernel(
     The MMA's columns are head-major (column ``h·BQ + r``): in Hopper's accumulator layout a thread
     holds the columns ``8j + c`` for one ``c < 8``, so with ``BQ >= 8`` all heads of a (key, row)
     pair sit in one thread and their sum needs no shuffles and leaves no replicated copies.
-    The per-pair test is one int32 compare (:func:`_admits`).
+    The per-pair admission test is one int32 compare (module docstring).
     """
     o_r = tl.arange(0, BQ)  # [BQ]
     o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh % BQ, head o_rh // BQ (head-major)
@@ -310,8 +295,9 @@ def _indexer_topk_rows_kernel(
                 if FORCE_ENDS:
                     ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
                     b_sc = tl.where(ends, float("inf"), b_sc)
-                m_sel = m_vis & _admits(b_sc, tau_bits[None, :])
-                b_pk = _pack(b_sc, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
+                bits = _score_bits(b_sc)  # [BLOCK_N, BQ]
+                m_sel = m_vis & (bits >= tau_bits[None, :])  # the admission test (module docstring)
+                b_pk = _pack(bits, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
                 i_sel = m_sel.to(tl.int32)
                 slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
                 tl.store(p_bufp + slot, b_pk, mask=m_sel)
