@@ -114,17 +114,32 @@ def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.c
     """
     tl.debug_barrier()  # the appends of every thread are visible
     tau, kept = _threshold(p_bufr, cnt, TOPK, KEEP_MAX, SUB)
+    _compact(p_bufr, cnt, tau, p_bufr, False, SUB)
+    return tau, kept
+
+
+@triton.jit
+def _compact(p_src, n, tau, p_dst, AS_IDS: tl.constexpr, SUB: tl.constexpr):
+    """Write the packed values ``>= tau`` of ``p_src[0:n]``, in order, to the front of ``p_dst``; returns their number.
+
+    ``AS_IDS``: write their int32 key ids instead. ``SUB`` entries at a time; ``p_dst`` may be
+    ``p_src`` (a chunk's entries only move to slots before it, and each chunk is read before any
+    of it is overwritten).
+    """
     o_s = tl.arange(0, SUB)
     base = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, cnt, SUB):
-        b_v = tl.load(p_bufr + c0 + o_s, mask=c0 + o_s < cnt, other=EMPTY)  # [SUB]
+    for c0 in range(0, n, SUB):
+        b_v = tl.load(p_src + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
         m_keep = b_v >= tau
         i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [SUB]
-        tl.debug_barrier()  # the chunk is read before any of it is overwritten
-        tl.store(p_bufr + i_pos, b_v, mask=m_keep)
+        tl.debug_barrier()
+        if AS_IDS:
+            tl.store(p_dst + i_pos, (b_v & 0xFFFFFFFF).to(tl.int32), mask=m_keep)
+        else:
+            tl.store(p_dst + i_pos, b_v, mask=m_keep)
         base += tl.sum(m_keep.to(tl.int32), 0)
     tl.debug_barrier()
-    return tau, kept
+    return base
 
 
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG", "SPLITS"])
@@ -463,16 +478,9 @@ def _merge_kernel(p_in, p_out, N: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.co
     """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded."""
     i_r = tl.program_id(0).to(tl.int64)
     p_row = p_in + i_r * N
-    tau, kept = _threshold(p_row, N, K_SEL, K_SEL, SUB)  # all real values when at most K_SEL
+    tau = _threshold(p_row, N, K_SEL, K_SEL, SUB)[0]  # all real values when at most K_SEL
     p_o = p_out + i_r * TOPK
-    o_s = tl.arange(0, SUB)
-    base = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, N, SUB):  # order-keeping compaction of the ids
-        b_v = tl.load(p_row + c0 + o_s, mask=c0 + o_s < N, other=EMPTY)  # [SUB]
-        m_keep = b_v >= tau
-        i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1
-        tl.store(p_o + i_pos, (b_v & 0xFFFFFFFF).to(tl.int32), mask=m_keep)
-        base += tl.sum(m_keep.to(tl.int32), 0)
+    base = _compact(p_row, N, tau, p_o, True, SUB)  # the kept ids, in order
     o_k = tl.arange(0, KP)  # [KP]
     tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
     if SORT:
