@@ -57,12 +57,25 @@ def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """Pooled keys of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
 
-    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block)).
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block));
+    when that is one block (a step of one key), in one reduction kernel instead of
+    :func:`pool_keys`' dozen small ones (a decode step is a chain of short kernels).
     """
+    if mode not in ("mean", "max"):
+        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
     if pooled is None or n_pooled == 0:
         return pool_keys(k, block, mode)
     first = n_pooled // block
-    return torch.cat([pooled[:, :, :first], pool_keys(k[:, :, first * block :], block, mode)], 2)
+    tail = k[:, :, first * block :]
+    if tail.shape[2] == 0:
+        return pooled[:, :, :first]
+    if tail.shape[2] > block:
+        new = pool_keys(tail, block, mode)
+    elif mode == "mean":
+        new = tail.mean(2, keepdim=True, dtype=torch.float32).to(k.dtype)
+    else:
+        new = tail.amax(2, keepdim=True)
+    return torch.cat([pooled[:, :, :first], new], 2)
 
 
 def topk_ids(scores: torch.Tensor, topk: int, ids: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -92,8 +92,18 @@ def test_pool_keys_and_incremental_update():
     mean, mx = pool_keys(k, 8, "mean"), pool_keys(k, 8, "max")
     assert mean.shape == (2, 3, 3, 4)
     assert torch.allclose(mean[:, :, 2], k[:, :, 16:].mean(2)) and torch.equal(mx[:, :, 1], k[:, :, 8:16].amax(2))
-    for n0 in (0, 5, 16, 20):
-        assert torch.allclose(update_pooled(pool_keys(k[:, :, :n0], 8, "mean") if n0 else None, n0, k, 8, "mean"), mean)
+    for mode, want in (("mean", mean), ("max", mx)):
+        for n0 in (0, 5, 16, 20, 21):  # 16, 20, 21: only the last block is pooled again (one reduction)
+            got = update_pooled(pool_keys(k[:, :, :n0], 8, mode) if n0 else None, n0, k, 8, mode)
+            assert got.shape == want.shape and torch.allclose(got, want), (mode, n0)
+    k16 = torch.randn(1, 2, 24, 4, dtype=torch.bfloat16)  # a whole number of blocks, bf16
+    for mode in ("mean", "max"):
+        want = pool_keys(k16, 8, mode)
+        for n0 in (23, 24):
+            got = update_pooled(pool_keys(k16[:, :, :n0], 8, mode), n0, k16, 8, mode)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want), (mode, n0)
+    with pytest.raises(ValueError, match="pool="):
+        update_pooled(mean, 16, k, 8, "min")
 
 
 def brute_route(ix, b, s, t, block, h):
