@@ -76,7 +76,9 @@ def sweep(c, n, device, kinds=KINDS) -> list:
         bn = sh[1]
         tiles = blocks[..., None] * (blk // bn) + torch.arange(blk // bn, device=blocks.device)
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
-        add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
+        add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(
+            ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, tiles_ascending=True, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4],
+        ))
     dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
     for name, fn in decode_fns(c, dec).items() if "decode" in kinds else []:
         rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})
