@@ -213,15 +213,16 @@ def test_tma_needs_row_view():
 
 
 @triton.jit
-def _kth_largest_probe(p_list, p_out, n, K: tl.constexpr, SUB: tl.constexpr):
-    tau, kept = indexer_topk_module._kth_largest(p_list, n, K, SUB)
+def _kth_largest_probe(p_list, p_out, n, K: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr):
+    tau, kept = indexer_topk_module._kth_largest(p_list, n, K, SUB, DIGIT)
     tl.store(p_out, tau)
     tl.store(p_out + 1, kept.to(tl.int64))
 
 
 @pytest.mark.parametrize("case", ["distinct", "tied-scores", "infinite", "few-real", "none-real"])
 @pytest.mark.parametrize("sub", [1024, 32], ids=["whole", "chunked"])
-def test_radix_threshold_keeps_exactly_k(case, sub):
+@pytest.mark.parametrize("digit", [8, 5])
+def test_radix_threshold_keeps_exactly_k(case, sub, digit):
     """The radix select behind every exact top-k (a row's last compaction, the split merge): a threshold
     that keeps exactly the ``K`` largest real packed values (ties in score broken by id, as the packed
     order does), or all of them when there are at most ``K``; empty slots never count."""
@@ -241,7 +242,7 @@ def test_radix_threshold_keeps_exactly_k(case, sub):
         empty[:] = True
     packed[empty] = indexer_topk_module.EMPTY_SLOT
     out = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    _kth_largest_probe[(1,)](packed.to(DEVICE), out, n, K=k, SUB=sub)
+    _kth_largest_probe[(1,)](packed.to(DEVICE), out, n, K=k, SUB=sub, DIGIT=digit)
     tau, kept = out.cpu().tolist()
     real = packed[~empty]
     want = real.sort(descending=True).values[:k]
