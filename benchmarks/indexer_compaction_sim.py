@@ -5,9 +5,7 @@ chunks, those whose packed ``(score bits, id)`` beats the threshold are appended
 has no room for another chunk a bisection on the packed value raises the threshold until between
 ``topk`` and ``keep`` entries remain (``keep = topk``: the exact top-k every time). Counts the
 compactions, bisection passes and appends per row for Gaussian scores, for the kernel's window
-(``_buffer_shape``) and for other widths; and the passes of an exact top-k threshold (a row's last
-compaction, and the decode merge of 16 lists of 512) by bisection and by the kernel's radix select
-(``_kth_largest``)::
+(``_buffer_shape``) and for other widths::
 
     python -m benchmarks.indexer_compaction_sim --lengths 16384 32768 131072
 
@@ -54,33 +52,6 @@ def simulate(pk: torch.Tensor, topk: int, room: int, cap: int, keep: int) -> dic
     return out
 
 
-def bisection_passes(buf: torch.Tensor, k: int) -> int:
-    """Counting passes of an exact bisection threshold (``_threshold`` with ``K_HI = K``), bounds pass included."""
-    lo, hi, c_lo, passes = int(buf.min()), int(buf.max()) + 1, len(buf), 1
-    while c_lo > k and lo + 1 < hi:
-        mid = (lo + hi) // 2
-        c = int((buf >= mid).sum())
-        passes += 1
-        lo, c_lo, hi = (mid, c, hi) if c >= k else (lo, c_lo, mid)
-    return passes
-
-
-def radix_passes(buf: torch.Tensor, k: int) -> int:
-    """Passes of the kernel's radix select (``_kth_largest``): one 8-bit digit histogram per pass, then the min pass."""
-    key = buf ^ torch.iinfo(torch.int64).min  # sign bit flipped: digits order as the values
-    pref, fixed, k_rem, c_eq, shift, passes = 0, 0, k, len(buf) + 1, 56, 0
-    while c_eq > k_rem:
-        hist = torch.bincount((key[((key ^ pref) & fixed) == 0] >> shift) & 255, minlength=256)
-        passes += 1
-        above = hist.sum() - hist.cumsum(0) + hist
-        d = int((above >= k_rem).sum()) - 1
-        c_eq, k_rem = int(hist[d]), k_rem - int(hist[d + 1 :].sum())
-        if passes == 1 and len(buf) <= k:
-            return passes
-        pref, fixed, shift = pref | d << shift, fixed | 255 << shift, shift - 8
-    return passes + 1
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 131072])
@@ -97,11 +68,6 @@ def main(argv=None) -> None:
             mean = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
             tag = "exact" if k_hi == args.topk else ("kernel" if k_hi == keep else "wider")
             print(f"  {n:7d} keys, keep <= {k_hi} ({tag}): " + ", ".join(f"{key} {v:.1f}" for key, v in mean.items()))
-    for label, size in (("a row's last compaction", cap - room), ("decode merge, 16 x 512", 8192)):
-        lists = [packed_scores(size, s) for s in range(args.seeds)]
-        b = sum(bisection_passes(x, args.topk) for x in lists) / len(lists)
-        r = sum(radix_passes(x, args.topk) for x in lists) / len(lists)
-        print(f"  exact top-{args.topk} of {size} ({label}): bisection {b:.1f} passes, radix select {r:.1f}")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,6 @@ EMPTY_SLOT = -9223372036854775807
 EMPTY = tl.constexpr(EMPTY_SLOT)
 LIST_CHUNK = 1024
 """Scratch-list entries a compaction or a merge holds in registers at a time."""
-EXACT_DIGIT_BITS = 0
-"""Exact top-k thresholds (a row's last compaction, the split merge): radix select over digits of
-this many bits (:func:`_kth_largest`), or 0 for bisection (:func:`_threshold`)."""
 
 
 @triton.jit
@@ -94,58 +91,6 @@ def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr
 
 
 @triton.jit
-def _kth_largest(p_list, n, K: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr):
-    """The ``K``-th largest value of the packed list ``p_list[0:n]`` and ``K``, by radix select; or,
-    with at most ``K`` real values, the smallest of them and their number (as :func:`_threshold` with
-    ``K_HI = K``, in fewer passes).
-
-    Each pass is a histogram of the next ``DIGIT`` bits (from the top; sign bit flipped, so the
-    digits order as the values) over the entries that share the digits chosen so far, and fixes the
-    digit holding the ``K``-th largest. It stops once every entry sharing the chosen digits is
-    kept: about 4 passes for a few thousand distinct scores, instead of 15-20 bisection counts; a
-    last pass takes the smallest of the kept ones. ``SUB`` values at a time.
-    """
-    o_s = tl.arange(0, SUB)
-    o_b = tl.arange(0, 2 << DIGIT)  # digits 0 .. 2^DIGIT - 1; bin 2^DIGIT collects the entries that do not take part
-    top = tl.full([], -9223372036854775808, dtype=tl.int64)
-    pref = tl.zeros([], dtype=tl.int64)  # the chosen digits, in the sign-flipped key space
-    fixed = tl.zeros([], dtype=tl.int64)  # mask of the bits chosen so far
-    k_rem = tl.full([], K, dtype=tl.int32)  # how many of the entries sharing ``pref`` are kept
-    c_eq = tl.full([], 2147483647, dtype=tl.int32)  # entries sharing ``pref``
-    lo = tl.full([], 9223372036854775807, dtype=tl.int64)  # smallest real value
-    shift = tl.full([], 64 - DIGIT, dtype=tl.int64)
-    while c_eq > k_rem:
-        hist = tl.zeros([2 << DIGIT], dtype=tl.int32)
-        for c0 in range(0, n, SUB):
-            b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-            m_real = b_v != EMPTY
-            lo = tl.minimum(lo, tl.min(tl.where(m_real, b_v, 9223372036854775807), 0))
-            b_key = b_v ^ top
-            m_in = m_real & (((b_key ^ pref) & fixed) == 0)
-            hist += tl.histogram(tl.where(m_in, ((b_key >> shift) & ((1 << DIGIT) - 1)).to(tl.int32), 1 << DIGIT), 2 << DIGIT)
-        hist = tl.where(o_b < (1 << DIGIT), hist, 0)
-        tot = tl.sum(hist, 0)
-        above_d = tot - tl.cumsum(hist, 0) + hist  # [512] entries with a digit >= d
-        d = tl.sum(((above_d >= k_rem) & (o_b < (1 << DIGIT))).to(tl.int32), 0) - 1  # the K-th largest's digit
-        c_eq = tl.sum(tl.where(o_b == d, hist, 0), 0)
-        k_rem -= tl.sum(tl.where(o_b > d, hist, 0), 0)
-        few = (shift == 64 - DIGIT) & (tot <= K)  # first pass: at most K real values, all kept
-        pref |= d.to(tl.int64) << shift
-        fixed |= tl.full([], (1 << DIGIT) - 1, dtype=tl.int64) << shift
-        shift = tl.maximum(shift - DIGIT, 0)  # the last digit may overlap fixed bits: they match already
-        c_eq = tl.where(few, 0, c_eq)
-        k_rem = tl.where(few, tot, k_rem)
-    if c_eq == 0:  # at most K real values
-        return lo, k_rem
-    tau = tl.full([], 9223372036854775807, dtype=tl.int64)
-    for c0 in range(0, n, SUB):  # the smallest kept value
-        b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-        m_in = (b_v != EMPTY) & ((((b_v ^ top) ^ pref) & fixed) == 0)
-        tau = tl.minimum(tau, tl.min(tl.where(m_in, b_v, 9223372036854775807), 0))
-    return tau, tl.full([], K, dtype=tl.int32)
-
-
-@triton.jit
 def _score_bits(b_sc):
     """fp32 scores → int32 bits that order as the scores do (as signed ints)."""
     bits = b_sc.to(tl.int32, bitcast=True)
@@ -159,7 +104,7 @@ def _pack(bits, o_key):
 
 
 @triton.jit
-def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr):
+def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.constexpr):
     """Compact the ``cnt`` packed entries at ``p_bufr`` to their largest ``TOPK`` to ``KEEP_MAX`` (in order).
 
     Returns the threshold (the smallest kept value) and the number kept. ``KEEP_MAX = TOPK`` keeps
@@ -168,10 +113,7 @@ def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.c
     slots before it).
     """
     tl.debug_barrier()  # the appends of every thread are visible
-    if (KEEP_MAX == TOPK) and (DIGIT > 0):
-        tau, kept = _kth_largest(p_bufr, cnt, TOPK, SUB, DIGIT)
-    else:
-        tau, kept = _threshold(p_bufr, cnt, TOPK, KEEP_MAX, SUB)
+    tau, kept = _threshold(p_bufr, cnt, TOPK, KEEP_MAX, SUB)
     _compact(p_bufr, cnt, tau, p_bufr, False, SUB)
     return tau, kept
 
@@ -205,7 +147,7 @@ def _indexer_topk_kernel(
     p_q, p_k, desc_k, p_w, p_tiles, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt, s_ob, s_os, s_ot,
     S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, TOTAL, NPROG, SPLITS,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     HAS_TILES: tl.constexpr, TILES_ASCENDING: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -270,17 +212,15 @@ def _indexer_topk_kernel(
                 tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
                 cnt += tl.sum(i_sel, 0)
             if cnt > CAP - CHUNK * BLOCK_N:  # no room for another chunk: keep the TOPK best
-                tau, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB, DIGIT)
+                tau, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB)
                 tau_bits = (tau >> 32).to(tl.int32)
         tl.debug_barrier()
         p_o = p_out + i_b * s_ob + i_s * s_os + (i_r % NT_ROWS) * s_ot + i_p * TOPK
-        _finish_row(p_bufr, cnt, p_o, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB, DIGIT)
+        _finish_row(p_bufr, cnt, p_o, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB)
 
 
 @triton.jit
-def _finish_row(
-    p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr,
-):
+def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
     """Write a row's top ``TOPK`` of the ``cnt`` packed entries at ``p_bufr`` to ``p_o``.
 
     Ascending int32 key ids with -1 padding, or (``PACKED``, split rows) the packed values, ``EMPTY``
@@ -289,7 +229,7 @@ def _finish_row(
     the row is copied out ``SUB`` entries at a time; with it, sorted (one ``tl.sort`` of ``KP``).
     """
     if cnt > TOPK:
-        _keep_top(p_bufr, cnt, TOPK, TOPK, SUB, DIGIT)
+        _keep_top(p_bufr, cnt, TOPK, TOPK, SUB)
         cnt = tl.full([], TOPK, dtype=tl.int32)
     if SORT:
         o_k = tl.arange(0, KP)  # [KP]
@@ -313,7 +253,7 @@ def _indexer_topk_rows_kernel(
     p_q, p_k, desc_k, p_w, p_buf, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt, s_ob, s_os, s_ot,
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
-    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -381,7 +321,7 @@ def _indexer_topk_rows_kernel(
                 for r in range(BQ):
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                     if c_r > CAP - CHUNK * BLOCK_N:
-                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, TOPK, KEEP, SUB, DIGIT)
+                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, TOPK, KEEP, SUB)
                         tau_bits = tl.where(o_r == r, (t_r >> 32).to(tl.int32), tau_bits)
                         cnt = tl.where(o_r == r, k_r, cnt)
         tl.debug_barrier()
@@ -389,7 +329,7 @@ def _indexer_topk_rows_kernel(
             if i_row0 + r < NT_ROWS:
                 c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                 p_o = p_out + i_b * s_ob + i_s * s_os + (i_row0 + r) * s_ot
-                _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB, DIGIT)
+                _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB)
 
 
 def indexer_topk(
@@ -494,7 +434,7 @@ def indexer_topk(
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, lkv, h, t0, nrows, num_tiles, total, nprog, splits,
-        TOPK=keep, KP=next_pow2(keep), CAP=cap, KEEP=keep_max, SUB=min(LIST_CHUNK, cap), DIGIT=EXACT_DIGIT_BITS, HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
+        TOPK=keep, KP=next_pow2(keep), CAP=cap, KEEP=keep_max, SUB=min(LIST_CHUNK, cap), HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
         HAS_TILES=tiles is not None, TILES_ASCENDING=tiles_ascending, PACKED=splits > 1, TMA=desc_k is not None, num_warps=num_warps,
         **_stages(num_stages),
@@ -527,23 +467,18 @@ def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> t
     rows = packed.numel() // n
     if rows:
         _merge_kernel[(rows,)](
-            packed, out, N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)), DIGIT=EXACT_DIGIT_BITS,
+            packed, out, N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)),
             num_warps=4 if n <= 2048 else 8,
         )
     return out
 
 
 @triton.jit
-def _merge_kernel(
-    p_in, p_out, N: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr,
-):
+def _merge_kernel(p_in, p_out, N: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
     """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded."""
     i_r = tl.program_id(0).to(tl.int64)
     p_row = p_in + i_r * N
-    if DIGIT > 0:
-        tau = _kth_largest(p_row, N, K_SEL, SUB, DIGIT)[0]  # all real values when at most K_SEL
-    else:
-        tau = _threshold(p_row, N, K_SEL, K_SEL, SUB)[0]
+    tau = _threshold(p_row, N, K_SEL, K_SEL, SUB)[0]  # all real values when at most K_SEL
     p_o = p_out + i_r * TOPK
     base = _compact(p_row, N, tau, p_o, True, SUB)  # the kept ids, in order
     o_k = tl.arange(0, KP)  # [KP]
@@ -620,7 +555,7 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
-        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), DIGIT=EXACT_DIGIT_BITS, BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
+        TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
         RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
         num_warps=num_warps, **_stages(num_stages),
     )

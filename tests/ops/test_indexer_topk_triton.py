@@ -8,8 +8,6 @@ import torch
 ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
 
 import pytest
-import triton
-import triton.language as tl
 
 import blocksieve.ops.indexer_topk as indexer_topk_module
 from blocksieve.select.indexer import candidate_scores, dsa_indexer, gqa_indexer
@@ -210,44 +208,6 @@ def test_tma_needs_row_view():
     assert torch.equal(indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, row_block=1), got)
     with pytest.raises(ValueError, match="tma=True needs"):
         indexer_topk(ix.q, ix.k, ix.w, 5, rows=(36, 40), block_n=16, tma=True)
-
-
-@triton.jit
-def _kth_largest_probe(p_list, p_out, n, K: tl.constexpr, SUB: tl.constexpr, DIGIT: tl.constexpr):
-    tau, kept = indexer_topk_module._kth_largest(p_list, n, K, SUB, DIGIT)
-    tl.store(p_out, tau)
-    tl.store(p_out + 1, kept.to(tl.int64))
-
-
-@pytest.mark.parametrize("case", ["distinct", "tied-scores", "infinite", "few-real", "none-real"])
-@pytest.mark.parametrize("sub", [1024, 32], ids=["whole", "chunked"])
-@pytest.mark.parametrize("digit", [8, 5])
-def test_radix_threshold_keeps_exactly_k(case, sub, digit):
-    """The radix select behind every exact top-k (a row's last compaction, the split merge): a threshold
-    that keeps exactly the ``K`` largest real packed values (ties in score broken by id, as the packed
-    order does), or all of them when there are at most ``K``; empty slots never count."""
-    n, k = 300, 37
-    scores = torch.randn(n) * 10
-    if case == "tied-scores":  # many equal scores: the digits of the ids decide
-        scores = scores.round()
-    if case == "infinite":  # forced keys (+inf) and masked ones (-inf)
-        scores[::3], scores[1::7] = float("inf"), float("-inf")
-    bits = scores.view(torch.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    packed = (bits.long() << 32) | torch.randperm(10 * n)[:n]
-    empty = torch.rand(n) < 0.2
-    if case == "few-real":
-        empty = torch.arange(n) % 10 != 0  # 30 real values, K = 37
-    if case == "none-real":
-        empty[:] = True
-    packed[empty] = indexer_topk_module.EMPTY_SLOT
-    out = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    _kth_largest_probe[(1,)](packed.to(DEVICE), out, n, K=k, SUB=sub, DIGIT=digit)
-    tau, kept = out.cpu().tolist()
-    real = packed[~empty]
-    want = real.sort(descending=True).values[:k]
-    assert kept == len(want)
-    assert torch.equal(real[real >= tau].sort(descending=True).values, want)
 
 
 @pytest.mark.parametrize("merge_chunk", [8192, 32], ids=["whole", "chunked"])
