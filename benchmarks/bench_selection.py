@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import blocksieve  # noqa: E402
+from benchmarks.common import device_tag  # noqa: E402
 from blocksieve.layout import BlockLayout, causal_block_mask  # noqa: E402
 
 METHODS = {
@@ -190,7 +191,7 @@ def main():
         res["triton"] = triton.__version__
     except ImportError:
         pass
-    out_path = Path(args.out) / "selection_h200.json"
+    out_path = Path(args.out) / f"selection_{device_tag()}.json"
     t0 = time.time()
     for length in (int(x) for x in args.lengths.split(",")):
         q, k, v = synthetic(length)

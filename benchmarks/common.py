@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import sys
 import time
@@ -33,6 +34,17 @@ def environment() -> dict:
         except ImportError:
             env["triton"] = None
     return env
+
+
+def device_tag() -> str:
+    """Short name of the device a run measures, for result file names: ``h100``, ``h200``, another GPU's name, or ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h100", "h200", "a100", "b200"):
+        if tag in name:
+            return tag
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:

@@ -12,7 +12,7 @@ and each launch of ``LAUNCHES``, on the synthetic DSA-form indexer of :mod:`benc
 and reports the share of rows whose ids equal the first launch's of the same method (the
 baseline's): fp32 head sums added in another order may swap keys of near-equal score. The
 checked comparison with the PyTorch rule is :mod:`benchmarks.bench_indexer`'s ``correctness``
-stage. The variants compile in parallel subprocesses first. Writes ``$OUT/indexer_ab_h200.json``.
+stage. The variants compile in parallel subprocesses first. Writes ``$OUT/indexer_ab_<gpu>.json`` (``h100``, ``h200``: :func:`benchmarks.common.device_tag`).
 ``--smoke`` runs the same at toy sizes (on the CPU: ``TRITON_INTERPRET=1``).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_indexer import SIZES, log, make_indexer, timed
-from benchmarks.common import environment
+from benchmarks.common import device_tag, environment
 from blocksieve.ops import indexer_topk as current
 from blocksieve.select.token_topk import route_heads
 
@@ -78,7 +78,7 @@ def main(argv=None):
     procs = [subprocess.Popen(base_cmd + ["--smoke"] * args.smoke + ["--warm", str(i)]) for i in range(len(LAUNCHES))]
     res = {"environment": environment(), "baseline": str(args.baseline), "warmup_failed": [i for i, p in enumerate(procs) if p.wait()]}
     res["warmup_s"], res["rows"] = round(time.time() - t0, 1), []
-    out = args.out / "indexer_ab_h200.json"
+    out = args.out / f"indexer_ab_{device_tag()}.json"
     for n in c["lengths"]:
         ix, routed = indexers(c, n)
         first = {}

@@ -13,7 +13,7 @@ default is the fastest measured and the speed-ups compare best against best:
 * ``decode``: the kernel timeline (torch profiler) of one B = 8 decode step of each method.
 
 Same synthetic DSA-form indexer as the benchmark (H_I = 64, d_I = 128, bf16, top-2048). Writes
-``$OUT/indexer_launch_sweep_h200.json``::
+``$OUT/indexer_launch_sweep_<gpu>.json`` (``h100``, ``h200``: :func:`benchmarks.common.device_tag`)::
 
     python -u -m benchmarks.indexer_launch_sweep --out $OUT
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_indexer import SIZES, decode_fns, kernel_timeline, log, make_indexer, timed
-from benchmarks.common import environment
+from benchmarks.common import device_tag, environment
 from blocksieve.ops.indexer_topk import indexer_topk
 from blocksieve.select.token_topk import pool_keys, route_heads
 
@@ -93,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"subset of {','.join(KINDS)}")
     args = ap.parse_args(argv)
     c = dict(SIZES["full"])
-    out = args.out / "indexer_launch_sweep_h200.json"
+    out = args.out / f"indexer_launch_sweep_{device_tag()}.json"
     res = {"environment": environment(), "rows": []}
     t0 = time.time()
     for n in args.lengths:

@@ -32,7 +32,7 @@ import torch
 import blocksieve
 from benchmarks.bench_indexer import kernel_timeline, log
 from benchmarks.bench_selection import METHODS, plan_fn, synthetic, timed
-from benchmarks.common import environment
+from benchmarks.common import device_tag, environment
 from blocksieve.select.pool import block_mean
 
 def pool_rows(x: torch.Tensor, name: str, block: int) -> list:
@@ -96,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--methods", default=",".join(METHODS))
     args = ap.parse_args(argv)
-    out = args.out / "selection_profile_h200.json"
+    out = args.out / f"selection_profile_{device_tag()}.json"
     res = {"environment": environment(), "rows": []}
     t0 = time.time()
     for n in args.lengths:

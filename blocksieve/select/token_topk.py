@@ -136,8 +136,8 @@ def _kernel(
 def default_row_block(heads: int) -> int:
     """Rows per program of a prefill scan with ``heads`` indexer heads: ``128 // heads``, 1 to 8.
 
-    Fastest on an H200 (``benchmarks/results/indexer_launch_sweep_h200.json``): DSA's 64 heads
-    two rows at a time, MISA's 8 routed heads eight.
+    Fastest on an H200 and on an H100 (``benchmarks/results/indexer_launch_sweep_{h200,h100}.json``):
+    DSA's 64 heads two rows at a time, MISA's 8 routed heads eight.
     """
     from blocksieve.ops._triton_utils import next_pow2
 
