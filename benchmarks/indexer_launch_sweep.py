@@ -9,7 +9,8 @@ default is the fastest measured and the speed-ups compare best against best:
 * ``hisa_coarse`` / ``hisa_fine``: HISA's pooled-block scan and its scan of each row's 64 chosen
   blocks (``block_n`` = 64 splits a 128-key block into two tiles, 128 reads it as one);
 * ``route``: MISA's head router (``route_heads``, PyTorch and Triton), alone and with the gather of
-  the routed heads (``Indexer.with_heads``);
+  the routed heads (``Indexer.with_heads``), and for the B = 8 rows of a decode step (also from a
+  CUDA graph);
 * ``decode``: the kernel timeline (torch profiler) of one B = 8 decode step of each method.
 
 Same synthetic DSA-form indexer as the benchmark (H_I = 64, d_I = 128, bf16, top-2048). Writes
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_indexer import SIZES, decode_fns, kernel_timeline, log, make_indexer, timed
+from benchmarks.bench_indexer import SIZES, decode_fns, graph_replay, kernel_timeline, log, make_indexer, timed
 from benchmarks.common import device_tag, environment
 from blocksieve.ops.indexer_topk import indexer_topk
 from blocksieve.select.token_topk import pool_keys, route_heads
@@ -63,6 +64,12 @@ def sweep(c, n, device, kinds=KINDS) -> list:
         log(rows[-1])
         rows.append({"L": n, "kind": "misa_route_gather", "backend": backend, **timed(lambda b=backend: ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b)), c["repeats"])})
         log(rows[-1])
+    dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
+    pooled_d = pool_keys(dec.k, c["misa_block"])
+    for backend in ("torch", "triton") if "route" in kinds else []:  # the router in a B = 8 decode step
+        fn = lambda b=backend: route_heads(dec, c["misa_h"], c["misa_block"], pooled_d, backend=b)  # noqa: E731
+        rows.append({"L": n, "kind": "misa_route_decode", "backend": backend, **timed(fn, 10), **graph_replay(fn)})
+        log(rows[-1])
     routed = ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"]))
     for sh in MISA if "misa" in kinds else []:
         add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
@@ -79,7 +86,6 @@ def sweep(c, n, device, kinds=KINDS) -> list:
         add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(
             ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, tiles_ascending=True, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4],
         ))
-    dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
     for name, fn in decode_fns(c, dec).items() if "decode" in kinds else []:
         rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})
         log(rows[-1])
