@@ -40,42 +40,33 @@ def _use_triton(ix: Indexer, backend: str) -> bool:
 def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
     """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d]`` blocks (``"mean"`` or ``"max"``).
 
-    The last, partial block pools only the keys it has.
+    The last, partial block pools only the keys it has. Keys of one block (a decode step's
+    re-pooled last block) take one reduction kernel.
     """
+    if mode not in ("mean", "max"):
+        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
     b, s, n, d = k.shape
+    if 0 < n <= block:
+        return k.mean(2, keepdim=True, dtype=torch.float32).to(k.dtype) if mode == "mean" else k.amax(2, keepdim=True)
     nb = math.ceil(n / block)
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - n)).reshape(b, s, nb, block, d)
     if mode == "mean":
         sizes = torch.clamp(n - torch.arange(nb, device=k.device) * block, max=block).float()
         return (kf.sum(3) / sizes[:, None]).to(k.dtype)
-    if mode == "max":
-        pad = torch.arange(nb * block, device=k.device).reshape(nb, block) >= n
-        return kf.masked_fill(pad[..., None], float("-inf")).amax(3).to(k.dtype)
-    raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
+    pad = torch.arange(nb * block, device=k.device).reshape(nb, block) >= n
+    return kf.masked_fill(pad[..., None], float("-inf")).amax(3).to(k.dtype)
 
 
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """Pooled keys of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
 
-    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block));
-    when that is one block (a step of one key), in one reduction kernel instead of
-    :func:`pool_keys`' dozen small ones (a decode step is a chain of short kernels).
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block);
+    one block, one reduction, for a step of one key).
     """
-    if mode not in ("mean", "max"):
-        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
     if pooled is None or n_pooled == 0:
         return pool_keys(k, block, mode)
     first = n_pooled // block
-    tail = k[:, :, first * block :]
-    if tail.shape[2] == 0:
-        return pooled[:, :, :first]
-    if tail.shape[2] > block:
-        new = pool_keys(tail, block, mode)
-    elif mode == "mean":
-        new = tail.mean(2, keepdim=True, dtype=torch.float32).to(k.dtype)
-    else:
-        new = tail.amax(2, keepdim=True)
-    return torch.cat([pooled[:, :, :first], new], 2)
+    return torch.cat([pooled[:, :, :first], pool_keys(k[:, :, first * block :], block, mode)], 2)
 
 
 def topk_ids(scores: torch.Tensor, topk: int, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
