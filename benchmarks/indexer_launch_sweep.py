@@ -58,18 +58,17 @@ def sweep(c, n, device, kinds=KINDS) -> list:
 
     for sh in DSA if "dsa" in kinds else []:
         add("dsa", sh, lambda sh=sh: indexer_topk(ix.q, ix.k, ix.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
-    pooled_r = pool_keys(ix.k, c["misa_block"])
-    for backend in ("torch", "triton") if "route" in kinds else []:  # MISA's router alone, and with the gather of the routed heads
-        rows.append({"L": n, "kind": "misa_route", "backend": backend, **timed(lambda b=backend: route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b), c["repeats"])})
-        log(rows[-1])
-        rows.append({"L": n, "kind": "misa_route_gather", "backend": backend, **timed(lambda b=backend: ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b)), c["repeats"])})
-        log(rows[-1])
     dec = make_indexer(c, c["decode_batch"], 1, n, device, seed=2)
-    pooled_d = pool_keys(dec.k, c["misa_block"])
-    for backend in ("torch", "triton") if "route" in kinds else []:  # the router in a B = 8 decode step
-        fn = lambda b=backend: route_heads(dec, c["misa_h"], c["misa_block"], pooled_d, backend=b)  # noqa: E731
-        rows.append({"L": n, "kind": "misa_route_decode", "backend": backend, **timed(fn, 10), **graph_replay(fn)})
-        log(rows[-1])
+    if "route" in kinds:  # MISA's router alone, with the gather of the routed heads, and for a B = 8 decode step
+        pooled_r, pooled_d = pool_keys(ix.k, c["misa_block"]), pool_keys(dec.k, c["misa_block"])
+        for backend in ("torch", "triton"):
+            rows.append({"L": n, "kind": "misa_route", "backend": backend, **timed(lambda b=backend: route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b), c["repeats"])})
+            log(rows[-1])
+            rows.append({"L": n, "kind": "misa_route_gather", "backend": backend, **timed(lambda b=backend: ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"], pooled_r, backend=b)), c["repeats"])})
+            log(rows[-1])
+            fn = lambda b=backend: route_heads(dec, c["misa_h"], c["misa_block"], pooled_d, backend=b)  # noqa: E731
+            rows.append({"L": n, "kind": "misa_route_decode", "backend": backend, **timed(fn, 10), **graph_replay(fn)})
+            log(rows[-1])
     routed = ix.with_heads(route_heads(ix, c["misa_h"], c["misa_block"]))
     for sh in MISA if "misa" in kinds else []:
         add("misa", sh, lambda sh=sh: indexer_topk(routed.q, routed.k, routed.w, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4]))
