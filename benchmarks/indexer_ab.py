@@ -35,7 +35,7 @@ from blocksieve.select.token_topk import route_heads
 
 LAUNCHES = [
     ("base", "dsa", 2, 128, 4), ("new", "dsa", 2, 128, 4), ("new", "dsa", 2, 64, 4),
-    ("base", "misa", 8, 128, 4), ("new", "misa", 8, 128, 4), ("new", "misa", 8, 128, 8), ("new", "misa", 8, 64, 4),
+    ("base", "misa", 8, 128, 4), ("new", "misa", 8, 128, 4), ("new", "misa", 8, 64, 4), ("new", "misa", 16, 64, 4),
 ]
 """(module, method, rows per program, key tile, warps); the first launch of each method is its reference."""
 

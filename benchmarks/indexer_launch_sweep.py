@@ -6,8 +6,10 @@ default is the fastest measured and the speed-ups compare best against best:
 
 * ``dsa``: the flat prefill scan (all rows, causal), ``(row_block, block_n, num_warps)``;
 * ``misa``: the same scan over the 8 routed heads of each row;
-* ``hisa_coarse`` / ``hisa_fine``: HISA's pooled-block scan and its scan of each row's 64 chosen
-  blocks (``block_n`` = 64 splits a 128-key block into two tiles, 128 reads it as one);
+* ``hisa_coarse`` / ``hisa_fine`` / ``hisa_early``: HISA's pooled-block scan, its scan of each
+  row's 64 chosen blocks (``block_n`` = 64 splits a 128-key block into two tiles, 128 reads it as
+  one) and the exact scan of the rows before the gate, each with the streaming list and with the
+  whole-row kernel (``whole_rows``, :mod:`blocksieve.ops.whole_row_topk`);
 * ``route``: MISA's head router (``route_heads``, PyTorch and Triton), alone and with the gather of
   the routed heads (``Indexer.with_heads``), and for the B = 8 rows of a decode step (also from a
   CUDA graph);
@@ -41,8 +43,11 @@ from blocksieve.select.token_topk import pool_keys, route_heads
 # shared memory, against 2 before), HISA's candidate scan 156 (2 stages: 3 per SM); those launches are added.
 DSA = [(2, 128, 4, None, 2), (2, 128, 8, None, 2), (4, 128, 8, None, 2), (2, 64, 4, None, 2)]
 MISA = [(8, 128, 4, None, 2), (8, 128, 8, None, 2), (8, 64, 4, None, 2), (8, 64, 4, None, 3), (16, 64, 4, None, 2)]
-HISA_COARSE = [(1, 64, 4, None, None)]
-HISA_FINE = [(1, 128, 4, None, None), (1, 128, 8, None, None), (1, 128, 4, None, 2)]
+# Session 7: HISA's stages with the whole-row kernel (scores first, one selection in registers); the last
+# field is whole_rows.
+HISA_COARSE = [(1, 64, 4, None, None, False), (1, 64, 4, None, None, True), (1, 128, 4, None, None, True)]
+HISA_FINE = [(1, 128, 4, None, None, False), (1, 128, 4, None, None, True), (1, 128, 4, None, 2, True), (1, 128, 8, None, None, True)]
+HISA_EARLY = [(2, 128, 4, None, 2, None), (1, 128, 4, None, None, True), (1, 128, 4, None, 2, True)]
 KINDS = ("route", "dsa", "misa", "hisa", "decode")
 
 
@@ -52,8 +57,9 @@ def sweep(c, n, device, kinds=KINDS) -> list:
     rows = []
 
     def add(kind, shape, fn):
-        rb, bn, nw, tma, st = shape
-        rows.append({"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, "num_stages": st, **timed(fn, c["repeats"])})
+        rb, bn, nw, tma, st, *whole = shape
+        row = {"L": n, "kind": kind, "row_block": rb, "block_n": bn, "num_warps": nw, "tma": tma, "num_stages": st}
+        rows.append({**row, **({"whole_rows": whole[0]} if whole else {}), **timed(fn, c["repeats"])})
         log(rows[-1])
 
     for sh in DSA if "dsa" in kinds else []:
@@ -76,7 +82,9 @@ def sweep(c, n, device, kinds=KINDS) -> list:
     pooled = pool_keys(ix.k, blk).contiguous()
     kw = dict(rows=(r0, n), kv_tokens=n, pos_mult=blk, force_ends=True)
     for sh in HISA_COARSE if "hisa" in kinds else []:
-        add("hisa_coarse", sh, lambda sh=sh: indexer_topk(ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4], **kw))
+        add("hisa_coarse", sh, lambda sh=sh: indexer_topk(
+            ix.q, pooled, ix.w, m, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4], whole_rows=sh[5], **kw,
+        ))
     blocks = indexer_topk(ix.q, pooled, ix.w, m, **kw).long()
     for sh in HISA_FINE if "hisa" in kinds else []:
         bn = sh[1]
@@ -84,6 +92,12 @@ def sweep(c, n, device, kinds=KINDS) -> list:
         tiles = torch.where(blocks[..., None] >= 0, tiles, -1).flatten(-2)
         add("hisa_fine", sh, lambda t=tiles, sh=sh: indexer_topk(
             ix.q, ix.k, ix.w, topk, rows=(r0, n), tiles=t, tiles_ascending=True, block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4],
+            whole_rows=sh[5],
+        ))
+    early = (ix.q[:, :, :r0], ix.k[:, :, :r0], ix.w[:, :, :r0])
+    for sh in HISA_EARLY if "hisa" in kinds else []:
+        add("hisa_early", sh, lambda sh=sh: indexer_topk(
+            *early, topk, row_block=sh[0], block_n=sh[1], num_warps=sh[2], tma=sh[3], num_stages=sh[4], whole_rows=sh[5],
         ))
     for name, fn in decode_fns(c, dec).items() if "decode" in kinds else []:
         rows.append({"L": n, "kind": f"decode_{name}", "timeline": kernel_timeline(lambda fn=fn: fn("triton"))})

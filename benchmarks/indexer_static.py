@@ -35,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from blocksieve.ops import indexer_topk
+from blocksieve.ops import indexer_topk, whole_row_topk
 from blocksieve.ops._triton_utils import next_pow2
 
 METHODS = {"dsa": (2, 64), "misa": (8, 8)}
@@ -46,12 +46,12 @@ def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num
     """The compiled kernel (``triton.compile`` for sm_90) with the constexprs ``indexer_topk`` would pass."""
     chunk, cap, keep = indexer_topk._buffer_shape(topk, block_n)
     sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>" if tma else "*bf16"}
-    sig.update({"p_w": "*fp32", "p_buf": "*i64", "p_out": "*i32"})
+    sig.update({"p_w": "*fp32", "p_buf": "*i64", "p_stg": "*i32", "p_out": "*i32"})
     sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt", "s_ob", "s_os", "s_ot")})
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
     consts = dict(
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
-        CHUNK=chunk, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
+        CHUNK=chunk, ADMIT=min(chunk * block_n, indexer_topk.ADMIT_SLOTS // rows), RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
     )
     return _compile(indexer_topk._indexer_topk_rows_kernel, sig, consts, num_warps=num_warps, num_stages=num_stages)
 
@@ -76,6 +76,18 @@ def compile_row_kernel(tiles: bool, packed: bool, ascending: bool, tma: bool, to
     return _compile(indexer_topk._indexer_topk_kernel, sig, consts, num_warps=4)
 
 
+def compile_whole_row_kernel(tiles: bool, width: int, topk: int = 2048, block_n: int = 128, heads: int = 64, d: int = 128, ascending: bool = True):
+    """The whole-row scan (:mod:`blocksieve.ops.whole_row_topk`, HISA's stages) for sm_90, TMA tiles."""
+    sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>", "p_w": "*fp32", "p_tiles": "*i32", "p_scr": "*i32", "p_out": "*i32"}
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt", "s_ob", "s_os", "s_ot")})
+    sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG")})
+    consts = dict(
+        TOPK=topk, KP=next_pow2(topk), NP=width, SUB=min(whole_row_topk.SELECT_CHUNK, width), HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n,
+        RELU=True, CAUSAL=True, POS_MULT=1 if tiles else 128, FORCE_ENDS=not tiles, HAS_TILES=tiles, SORT=not ascending, TMA=True,
+    )
+    return _compile(whole_row_topk._whole_row_topk_kernel, sig, consts, num_warps=4)
+
+
 def compile_merge_kernel(n: int, kk: int, topk: int, sort: bool):
     """The one-program-per-row split merge (``merge_splits``) for sm_90."""
     consts = dict(N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=sort, SUB=min(indexer_topk.MERGE_CHUNK, next_pow2(n)))
@@ -90,10 +102,12 @@ VARIANTS = {
     "row, ascending tiles (HISA's candidates)": lambda: compile_row_kernel(True, False, True, True),
     "row, tiles in any order": lambda: compile_row_kernel(True, False, False, False),
     "row, decode split (packed)": lambda: compile_row_kernel(True, True, True, True, topk=512),
+    "whole row, HISA's 64 candidate tiles": lambda: compile_whole_row_kernel(True, 8192),
+    "whole row, pooled scan at 128K (1,024 blocks, top-64)": lambda: compile_whole_row_kernel(False, 1024, topk=64),
     "merge, 16 x 512 ascending": lambda: compile_merge_kernel(8192, 2048, 2048, False),
     "merge, 2 x 64, sorted": lambda: compile_merge_kernel(128, 64, 64, True),
 }
-"""Every kernel of ``ops/indexer_topk.py`` in the launches the methods use (``--all``)."""
+"""Every kernel of ``ops/indexer_topk.py`` and ``ops/whole_row_topk.py`` in the launches the methods use (``--all``)."""
 
 
 def _tool(name: str) -> str:

@@ -24,6 +24,10 @@ Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's ch
 first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a row's tiles over
 several programs (decode: few rows) and merges their packed top-k lists (:func:`merge_splits`: one
 Triton program per row, or an int32 ``torch.topk`` of the score bits for long lists).
+
+Rows of at most ``WHOLE_ROW_MAX`` keys scanned one per program (HISA's candidate and pooled-block
+scans) go by default to :mod:`blocksieve.ops.whole_row_topk`: every score first, then one exact
+selection in registers, no list.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksieve.ops._triton_utils import interpreting, next_pow2, row_view, sm_count, tma_available
+from blocksieve.ops.whole_row_topk import SCRATCH_MIN, WHOLE_ROW_MAX, _score_bits, _score_tile, whole_row_topk
 
 __all__ = ["indexer_topk", "merge_splits"]
 
@@ -88,13 +93,6 @@ def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr
         c_lo = tl.where(up, c, c_lo)
         hi = tl.where(up, hi, mid)
     return lo, c_lo
-
-
-@triton.jit
-def _score_bits(b_sc):
-    """fp32 scores → int32 bits that order as the scores do (as signed ints)."""
-    bits = b_sc.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -186,25 +184,9 @@ def _indexer_topk_kernel(
         tile = tl.load(p_tr + t_lo, mask=HAS_TILES & (t_lo < t_hi), other=-1)  # next tile id, loaded one step ahead
         for c0 in range(t_lo, t_hi, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
             for it in range(c0, tl.minimum(c0 + CHUNK, t_hi)):
-                if HAS_TILES:
-                    key_0 = tile * BLOCK_N
-                    tile = tl.load(p_tr + it + 1, mask=it + 1 < t_hi, other=-1)
-                    o_key = key_0 + o_n  # [BLOCK_N]
-                    m_key = (o_key >= 0) & (o_key < n_vis)  # tile -1: negative keys
-                else:
-                    key_0 = it * BLOCK_N
-                    o_key = key_0 + o_n  # [BLOCK_N]
-                    m_key = o_key < n_vis
-                if TMA:  # rows past the set's keys (next set, or TMA's zero fill) are masked below
-                    b_k = desc_k.load([(i_bs * LKV + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
-                else:
-                    b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
-                b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]: keys as M, the head sum stays inside each warp
-                if RELU:
-                    b_l = tl.maximum(b_l, 0.0)
-                b_sc = tl.sum(b_l * b_w[None, :], 1)  # [BLOCK_N]
-                if FORCE_ENDS:
-                    b_sc = tl.where((o_key == 0) | (o_key == n_vis - 1), float("inf"), b_sc)
+                b_sc, o_key, m_key, tile = _score_tile(
+                    p_kr, desc_k, p_tr, b_q, b_w, tile, it, t_hi, n_vis, i_bs, LKV, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
+                )
                 bits = _score_bits(b_sc)  # [BLOCK_N]
                 m_sel = m_key & (bits >= tau_bits)  # the admission test (module docstring)
                 b_pk = _pack(bits, o_key)  # [BLOCK_N]
@@ -250,12 +232,12 @@ def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: 
 
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG"])
 def _indexer_topk_rows_kernel(
-    p_q, p_k, desc_k, p_w, p_buf, p_out,
+    p_q, p_k, desc_k, p_w, p_buf, p_stg, p_out,
     s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt, s_ob, s_os, s_ot,
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
-    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr,
-    TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ADMIT: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr,
+    FORCE_ENDS: tl.constexpr, TMA: tl.constexpr,
 ):
     """Flat scan with ``BQ`` consecutive rows per program: each key tile is loaded once for all of them.
 
@@ -264,13 +246,18 @@ def _indexer_topk_rows_kernel(
     The MMA's columns are head-major (column ``h·BQ + r``): in Hopper's accumulator layout a thread
     holds the columns ``8j + c`` for one ``c < 8``, so with ``BQ >= 8`` all heads of a (key, row)
     pair sit in one thread and their sum needs no shuffles and leaves no replicated copies.
-    The per-pair admission test is one int32 compare (module docstring).
+    The tile loop only scores: each tile's int32 score bits go to the program's staging slots for
+    the chunk (``[BQ, CHUNK·BLOCK_N]``). After the chunk the rows' admission test (one int32 compare,
+    module docstring) and appends run ``ADMIT`` keys of every row at a time: one prefix sum per
+    ``ADMIT`` keys instead of one per tile, and no count or threshold carried from tile to tile.
     """
     o_r = tl.arange(0, BQ)  # [BQ]
     o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh % BQ, head o_rh // BQ (head-major)
     o_d = tl.arange(0, D)  # [D]
     o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    o_a = tl.arange(0, ADMIT)  # [ADMIT]
     p_bufp = p_buf + tl.program_id(0).to(tl.int64) * (BQ * CAP)
+    p_stgp = p_stg + tl.program_id(0).to(tl.int64) * (BQ * CHUNK * BLOCK_N)
     for i_loop in range(tl.program_id(0), TOTAL, NPROG):
         i_w = tl.full([], 0, dtype=tl.int64) + i_loop
         i_blk = i_w % NT_BLOCKS
@@ -295,7 +282,7 @@ def _indexer_topk_rows_kernel(
         tau_bits = tl.full([BQ], EMPTY >> 32, dtype=tl.int32)  # [BQ] score bits of each row's threshold
         n_t = tl.cdiv(tl.max(n_vis, 0), BLOCK_N)
         for c0 in range(0, n_t, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
-            for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):
+            for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):  # scores only, to the chunk's staging slots
                 o_key = (it * BLOCK_N + o_n).to(tl.int32)  # [BLOCK_N]
                 m_key = o_key < tl.max(n_vis, 0)
                 if TMA:
@@ -310,13 +297,18 @@ def _indexer_topk_rows_kernel(
                 if FORCE_ENDS:
                     ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
                     b_sc = tl.where(ends, float("inf"), b_sc)
-                bits = _score_bits(b_sc)  # [BLOCK_N, BQ]
-                m_sel = m_vis & (bits >= tau_bits[None, :])  # the admission test (module docstring)
-                b_pk = _pack(bits, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
+                b_bits = tl.where(m_vis, _score_bits(b_sc), SCRATCH_MIN)  # [BLOCK_N, BQ]
+                tl.store(p_stgp + o_r[None, :] * (CHUNK * BLOCK_N) + (it - c0) * BLOCK_N + o_n[:, None], b_bits)
+            tl.debug_barrier()  # the chunk's scores are visible to every thread
+            n_c = (tl.minimum(c0 + CHUNK, n_t) - c0) * BLOCK_N
+            for a0 in range(0, n_c, ADMIT):  # the admission test (module docstring), ADMIT keys of each row at a time
+                b_v = tl.load(p_stgp + o_r[:, None] * (CHUNK * BLOCK_N) + a0 + o_a[None, :], mask=(a0 + o_a < n_c)[None, :], other=SCRATCH_MIN)  # [BQ, ADMIT]
+                m_sel = (b_v > SCRATCH_MIN) & (b_v >= tau_bits[:, None])
+                b_pk = _pack(b_v, (c0 * BLOCK_N + a0 + o_a)[None, :] + tl.zeros([BQ, ADMIT], dtype=tl.int32))  # [BQ, ADMIT]
                 i_sel = m_sel.to(tl.int32)
-                slot = o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1  # [BLOCK_N, BQ]
-                tl.store(p_bufp + slot, b_pk, mask=m_sel)
-                cnt += tl.sum(i_sel, 0)
+                tl.store(p_bufp + o_r[:, None] * CAP + cnt[:, None] + tl.cumsum(i_sel, 1) - 1, b_pk, mask=m_sel)
+                cnt += tl.sum(i_sel, 1)
+            tl.debug_barrier()  # the staging slots are read before the next chunk rewrites them
             if tl.max(cnt, 0) > CAP - CHUNK * BLOCK_N:  # a row without room for another chunk keeps its TOPK best
                 for r in range(BQ):
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
@@ -352,6 +344,7 @@ def indexer_topk(
     num_warps: int = 4,
     tma: Optional[bool] = None,
     num_stages: Optional[int] = None,
+    whole_rows: Optional[bool] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Top-``topk`` keys of ``I[t,s] = Σ_j w[t,j]·act(q[t,j]·k[s])`` per row, fused (no logits stored).
@@ -379,6 +372,9 @@ def indexer_topk(
         tma: load key tiles with Hopper's tensor memory accelerator (None: when the GPU has it and
             ``k`` is one ``[B·S·Lkv, d]`` row view; True requires it).
         num_stages: software-pipelining depth of the tile loop (None: Triton's default).
+        whole_rows: score each row whole, then select its top-k once
+            (:mod:`blocksieve.ops.whole_row_topk`; rows of at most ``WHOLE_ROW_MAX`` keys, one row
+            per program, ``splits = 1``) instead of keeping the streaming list. None: whenever it applies.
         out: int32 ``[B, S, t1 - t0, topk]`` to write into instead of a new tensor, last dim
             contiguous (e.g. a slice of a larger layout, so that parts need no concatenation);
             ``splits = 1`` only.
@@ -417,6 +413,16 @@ def indexer_topk(
             raise ValueError(f"out must be int32 [B, S, rows, topk] = {(b, s, nrows, topk)} with a contiguous last dim, "
                              f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     desc_k = _key_descriptor(k, block_n, tma)
+    width = num_tiles * block_n if tiles is not None else lkv
+    whole_ok = splits == 1 and row_block == 1 and width <= WHOLE_ROW_MAX
+    if whole_rows and not whole_ok:
+        raise ValueError(f"whole_rows=True needs splits=1, row_block=1 and rows of at most {WHOLE_ROW_MAX} keys (got {width})")
+    if whole_ok and whole_rows is not False:
+        out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device) if out is None else out
+        return whole_row_topk(
+            q, k, w, desc_k, out, topk, relu=relu, causal=causal, t0=t0, kv_tokens=kv_tokens, tiles=tiles, tiles_ascending=tiles_ascending,
+            pos_mult=pos_mult, force_ends=force_ends, block_n=block_n, num_warps=num_warps, stages=_stages(num_stages),
+        )
     if row_block > 1:
         args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, row_block, num_warps, num_stages)
         return _rows_launch(q, k, desc_k, w, topk, *args, out)
@@ -444,6 +450,8 @@ def indexer_topk(
     return merge_splits(out, min(topk, splits * keep), topk, ascending=tiles is None or tiles_ascending)
 
 
+ADMIT_SLOTS = 2048
+"""(row, key) scores the row-blocked scan's admission test handles at a time: ``ADMIT_SLOTS // BQ`` keys of each row."""
 MERGE_MAX = 16384
 """Most packed entries per row that :func:`merge_splits` merges in one Triton program (more: PyTorch)."""
 MERGE_CHUNK = 8192
@@ -548,15 +556,16 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
     total = b * s * nblk
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 4))
     buf = torch.empty(nprog, bq * cap, dtype=torch.int64, device=q.device)
+    staging = torch.empty(nprog, bq * chunk * block_n, dtype=torch.int32, device=q.device)
     if out is None:
         out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device)
     _indexer_topk_rows_kernel[(nprog,)](
-        q, k, desc_k, w, buf, out,
+        q, k, desc_k, w, buf, staging, out,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
-        RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
+        ADMIT=min(chunk * block_n, ADMIT_SLOTS // bq), RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
         num_warps=num_warps, **_stages(num_stages),
     )
     return out

@@ -37,13 +37,14 @@ def assert_topk_equal(ix, got, want, r0):
     assert torch.equal(torch.isfinite(a), fin) and torch.allclose(a[fin], b[fin], atol=1e-4)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
 @pytest.mark.parametrize("relu,splits", [(True, 1), (False, 1), (True, 3)], ids=["relu", "linear", "relu-split3"])
-def test_flat_scan_matches_torch(relu, splits):
+def test_flat_scan_matches_torch(relu, splits, whole):
     ix = dsa_indexer(torch.randn(1, 44, 3, 16, device=DEVICE), torch.randn(1, 44, 16, device=DEVICE), torch.randn(1, 44, 3, device=DEVICE))
     if not relu:
         ix = gqa_indexer(torch.randn(1, 4, 44, 16, device=DEVICE), torch.randn(1, 2, 44, 16, device=DEVICE))
     r0 = 37
-    got = indexer_topk(ix.q, ix.k, ix.w, 8, relu=relu, rows=(r0, 44), block_n=16, splits=splits)
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, relu=relu, rows=(r0, 44), block_n=16, splits=splits, whole_rows=whole and splits == 1)
     want = flat_ids(ix, 8, backend="torch")[:, :, r0:]
     assert_topk_equal(ix, got, want, r0)
 
@@ -51,26 +52,30 @@ def test_flat_scan_matches_torch(relu, splits):
 @pytest.mark.parametrize("topk,splits,list_chunk", [(8, 1, 1024), (11, 1, 1024), (11, 2, 1024), (11, 1, 16), (11, 2, 16)],
                          ids=["k8", "k11", "k11-split2", "k11-chunked", "k11-split2-chunked"])
 def test_long_rows_refill_the_buffer(topk, splits, list_chunk, monkeypatch):
-    """Rows of 200-300 keys overflow the 64-slot buffer several times (threshold + compaction path),
-    the list read whole or 16 entries at a time."""
+    """Rows of 200-300 keys overflow the 64-slot buffer several times (the streaming list's threshold +
+    compaction path), the list read whole or 16 entries at a time."""
     monkeypatch.setattr(indexer_topk_module, "LIST_CHUNK", list_chunk)
     ix = dsa_indexer(torch.randn(1, 300, 2, 16, device=DEVICE), torch.randn(1, 300, 16, device=DEVICE), torch.randn(1, 300, 2, device=DEVICE))
     r0 = 296
-    got = indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, 300), block_n=16, splits=splits)
+    got = indexer_topk(ix.q, ix.k, ix.w, topk, rows=(r0, 300), block_n=16, splits=splits, whole_rows=False)
     want = flat_ids(ix, topk, backend="torch")[:, :, r0:]
     assert_topk_equal(ix, got, want, r0)
 
 
-def test_tied_scores_keep_topk_keys():
-    """All-zero keys: every score ties; exactly topk distinct keys must come back."""
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
+def test_tied_scores_keep_topk_keys(whole):
+    """All-zero keys: every score ties; exactly topk distinct keys come back, the largest ids (the
+    packed order both paths share)."""
     ix = dsa_indexer(torch.randn(1, 150, 2, 16, device=DEVICE), torch.zeros(1, 150, 16, device=DEVICE), torch.randn(1, 150, 2, device=DEVICE))
-    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(148, 150), block_n=16)
-    assert (got >= 0).all() and all(len(set(r.tolist())) == 8 for r in got[0, 0])
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(148, 150), block_n=16, whole_rows=whole)
+    want = torch.stack([torch.arange(141, 149), torch.arange(142, 150)]).to(torch.int32).to(DEVICE)
+    assert torch.equal(got[0, 0], want)
 
 
-def test_fewer_visible_keys_than_topk_pads():
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
+def test_fewer_visible_keys_than_topk_pads(whole):
     ix = dsa_indexer(torch.randn(1, 20, 2, 16, device=DEVICE), torch.randn(1, 20, 16, device=DEVICE), torch.randn(1, 20, 2, device=DEVICE))
-    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(0, 3), block_n=16)
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, rows=(0, 3), block_n=16, whole_rows=whole)
     assert torch.equal((got >= 0).sum(-1)[0, 0], torch.tensor([1, 2, 3], device=DEVICE))
     assert torch.equal(got[0, 0, 2, :3], torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE))
 
@@ -91,34 +96,36 @@ def test_row_blocks_long_rows_compact_many_times(bq, list_chunk, monkeypatch):
     assert_topk_equal(ix, got, want, r0)
 
 
-def test_ascending_tiles_skip_the_sort():
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
+def test_ascending_tiles_skip_the_sort(whole):
     """Ascending tile lists (HISA's), -1 padded: ids leave the scan in order without the final sort, over
-    rows long enough for several windowed compactions."""
+    rows long enough for several windowed compactions of the streaming list."""
     ix = dsa_indexer(torch.randn(1, 320, 2, 16, device=DEVICE), torch.randn(1, 320, 16, device=DEVICE), torch.randn(1, 320, 2, device=DEVICE))
     r0 = 316
     g = torch.Generator().manual_seed(0)
     tiles = torch.stack([torch.randperm(19, generator=g)[:14].sort().values for _ in range(4)])  # 14 of the 19 full tiles
     tiles = torch.nn.functional.pad(tiles, (0, 2), value=-1).to(torch.int32).to(DEVICE)[None, None]  # [1, 1, 4, 16]
-    got = indexer_topk(ix.q, ix.k, ix.w, 9, rows=(r0, 320), tiles=tiles, tiles_ascending=True, block_n=16)
+    got = indexer_topk(ix.q, ix.k, ix.w, 9, rows=(r0, 320), tiles=tiles, tiles_ascending=True, block_n=16, whole_rows=whole)
     cand = (tiles.long()[..., None] * 16 + torch.arange(16, device=DEVICE)).flatten(-2)
     cand = torch.where(tiles.long().repeat_interleave(16, -1) >= 0, cand, -1)
     want = topk_ids(candidate_scores(ix, r0, 320, cand), 9, cand)
     assert_topk_equal(ix, got, want, r0)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
 @pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
-def test_tile_list_and_pooled_forced_ends(tma):
+def test_tile_list_and_pooled_forced_ends(tma, whole):
     """Tiles in any order, -1 tiles skipped (also first and last: the one-step-ahead id load)."""
     ix = dsa_indexer(torch.randn(2, 48, 2, 16, device=DEVICE), torch.randn(2, 48, 16, device=DEVICE), torch.randn(2, 48, 2, device=DEVICE))
     r0 = 44
     tiles = torch.tensor([[[[0, 2], [-1, 1], [2, 0], [1, -1]]]], dtype=torch.int32, device=DEVICE).expand(2, 1, 4, 2)
-    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 48), tiles=tiles, block_n=16, tma=tma)
+    got = indexer_topk(ix.q, ix.k, ix.w, 6, rows=(r0, 48), tiles=tiles, block_n=16, tma=tma, whole_rows=whole)
     cand = (tiles.long()[..., None] * 16 + torch.arange(16, device=DEVICE)).flatten(-2)
     cand = torch.where(tiles.long().repeat_interleave(16, -1) >= 0, cand, -1)
     want = topk_ids(candidate_scores(ix, r0, 48, cand), 6, cand)
     assert_topk_equal(ix, got, want, r0)
     pooled = pool_keys(ix.k, 8, "mean")  # 6 blocks of 8
-    blocks = indexer_topk(ix.q, pooled, ix.w, 3, rows=(r0, 48), kv_tokens=48, pos_mult=8, force_ends=True, block_n=16, tma=tma)
+    blocks = indexer_topk(ix.q, pooled, ix.w, 3, rows=(r0, 48), kv_tokens=48, pos_mult=8, force_ends=True, block_n=16, tma=tma, whole_rows=whole)
     for b in range(2):
         for i in range(4):
             row = set(blocks[b, 0, i].tolist())
@@ -255,3 +262,30 @@ def test_out_rejects_wrong_tensors():
         indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), out=torch.empty(1, 1, 4, 5, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="out= is for splits=1"):
         indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, out=torch.empty(1, 1, 4, 4, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["flat", "ascending-tiles"])
+def test_whole_rows_choose_the_list_kernels_keys(tiles):
+    """The whole-row kernel and the streaming list choose identical ids, ties included: 2 ReLU heads
+    leave many scores exactly 0, and top-40 of ~100-200 keys reaches into them. The output starts
+    poisoned, so every slot must be written."""
+    n = 200
+    g = torch.Generator().manual_seed(1)
+    ix = dsa_indexer(*(torch.randn(*sh, generator=g).to(DEVICE) for sh in ((1, n, 2, 16), (1, n, 16), (1, n, 2))))
+    r0, kw = 96, dict(block_n=16)
+    if tiles:
+        t = torch.stack([torch.randperm(6, generator=g)[:4].sort().values for _ in range(n - r0)])  # 4 of the 6 first tiles
+        kw.update(tiles=t.to(torch.int32).to(DEVICE)[None, None], tiles_ascending=True)
+    want = indexer_topk(ix.q, ix.k, ix.w, 40, rows=(r0, n), whole_rows=False, **kw)
+    got = torch.full_like(want, 12345)
+    indexer_topk(ix.q, ix.k, ix.w, 40, rows=(r0, n), whole_rows=True, out=got, **kw)
+    assert (want >= 0).sum() > 0 and torch.equal(got, want)
+
+
+def test_whole_rows_rejects_rows_it_cannot_take(monkeypatch):
+    ix = dsa_indexer(torch.randn(1, 40, 2, 16, device=DEVICE), torch.randn(1, 40, 16, device=DEVICE), torch.randn(1, 40, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="whole_rows=True needs splits=1"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, whole_rows=True)
+    monkeypatch.setattr(indexer_topk_module, "WHOLE_ROW_MAX", 16)
+    with pytest.raises(ValueError, match="rows of at most 16 keys"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), whole_rows=True)
