@@ -51,7 +51,7 @@ def compile_rows_kernel(rows: int, heads: int, block_n: int, num_warps: int, num
     sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NT_BLOCKS", "TOTAL", "NPROG")})
     consts = dict(
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(indexer_topk.LIST_CHUNK, cap), BQ=rows, HP=max(next_pow2(heads), 16 // rows), D=d, BLOCK_N=block_n,
-        CHUNK=chunk, ADMIT=min(chunk * block_n, indexer_topk.ADMIT_SLOTS // rows), RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
+        CHUNK=chunk, ADMIT=min(chunk * block_n, indexer_topk.ADMIT_SLOTS // rows), STAGED=rows <= indexer_topk.STAGED_MAX_ROWS, RELU=True, CAUSAL=True, POS_MULT=1, FORCE_ENDS=False, TMA=tma,
     )
     return _compile(indexer_topk._indexer_topk_rows_kernel, sig, consts, num_warps=num_warps, num_stages=num_stages)
 

@@ -41,7 +41,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from blocksieve.ops._triton_utils import interpreting, next_pow2, row_view, sm_count, tma_available
-from blocksieve.ops.whole_row_topk import SCRATCH_MIN, WHOLE_ROW_MAX, _score_bits, _score_tile, whole_row_topk
+from blocksieve.ops.whole_row_topk import SCRATCH_MIN, WHOLE_ROW_MAX, _kth_largest, _score_bits, _score_tile, whole_row_topk
 
 __all__ = ["indexer_topk", "merge_splits"]
 
@@ -102,18 +102,39 @@ def _pack(bits, o_key):
 
 
 @triton.jit
-def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.constexpr):
-    """Compact the ``cnt`` packed entries at ``p_bufr`` to their largest ``TOPK`` to ``KEEP_MAX`` (in order).
+def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.constexpr, CAP: tl.constexpr):
+    """Compact the ``cnt`` (``TOPK < cnt <= CAP``) packed entries at ``p_bufr`` to their largest ``TOPK`` to ``KEEP_MAX``, in order.
 
-    Returns the threshold (the smallest kept value) and the number kept. ``KEEP_MAX = TOPK`` keeps
-    exactly the top ``TOPK`` (the end of a row); inside the scan a wider window costs fewer passes.
-    Works through the list ``SUB`` entries at a time, in place (a chunk's entries move only to
+    Returns the threshold's score bits (every kept entry's are ``>=``) and the number kept.
+    ``KEEP_MAX = TOPK`` keeps exactly the top ``TOPK`` (the end of a row); inside the scan a wider
+    window costs fewer passes. The threshold is searched on the entries' score bits (their high
+    halves), read once into registers (``CAP`` int32), by bisection (``whole_row_topk._kth_largest``):
+    no pass over memory per step. Entries tied at it beyond the window keep the later ones (in
+    arrival order: the larger ids, as the packed order has it). One order-keeping compaction then
+    works through the list ``SUB`` entries at a time, in place (a chunk's entries move only to
     slots before it).
     """
     tl.debug_barrier()  # the appends of every thread are visible
-    tau, kept = _threshold(p_bufr, cnt, TOPK, KEEP_MAX, SUB)
-    _compact(p_bufr, cnt, tau, p_bufr, False, SUB)
-    return tau, kept
+    o_c = tl.arange(0, CAP)  # [CAP]
+    b_hi = (tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY) >> 32).to(tl.int32)  # [CAP] score bits
+    tau, c_tau = _kth_largest(b_hi, cnt, TOPK, KEEP_MAX)
+    skip = tl.where(c_tau > KEEP_MAX, c_tau - TOPK, 0)  # ties at tau dropped: the first ones
+    o_s = tl.arange(0, SUB)
+    base = tl.zeros([], dtype=tl.int32)
+    ties = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, cnt, SUB):
+        b_v = tl.load(p_bufr + c0 + o_s, mask=c0 + o_s < cnt, other=EMPTY)  # [SUB]
+        b_b = (b_v >> 32).to(tl.int32)
+        m_tie = (b_b == tau) & (c0 + o_s < cnt)
+        i_tie = ties + tl.cumsum(m_tie.to(tl.int32), 0)  # [SUB] ties up to here, this one included
+        m_keep = (c0 + o_s < cnt) & ((b_b > tau) | (m_tie & (i_tie > skip)))
+        i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [SUB]
+        tl.debug_barrier()
+        tl.store(p_bufr + i_pos, b_v, mask=m_keep)
+        base += tl.sum(m_keep.to(tl.int32), 0)
+        ties += tl.sum(m_tie.to(tl.int32), 0)
+    tl.debug_barrier()
+    return tau, base
 
 
 @triton.jit
@@ -194,15 +215,14 @@ def _indexer_topk_kernel(
                 tl.store(p_bufr + cnt + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
                 cnt += tl.sum(i_sel, 0)
             if cnt > CAP - CHUNK * BLOCK_N:  # no room for another chunk: keep the TOPK best
-                tau, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB)
-                tau_bits = (tau >> 32).to(tl.int32)
+                tau_bits, cnt = _keep_top(p_bufr, cnt, TOPK, KEEP, SUB, CAP)
         tl.debug_barrier()
         p_o = p_out + i_b * s_ob + i_s * s_os + (i_r % NT_ROWS) * s_ot + i_p * TOPK
-        _finish_row(p_bufr, cnt, p_o, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB)
+        _finish_row(p_bufr, cnt, p_o, TOPK, KP, PACKED, HAS_TILES and not TILES_ASCENDING, SUB, CAP)
 
 
 @triton.jit
-def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
+def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr, CAP: tl.constexpr):
     """Write a row's top ``TOPK`` of the ``cnt`` packed entries at ``p_bufr`` to ``p_o``.
 
     Ascending int32 key ids with -1 padding, or (``PACKED``, split rows) the packed values, ``EMPTY``
@@ -211,7 +231,7 @@ def _finish_row(p_bufr, cnt, p_o, TOPK: tl.constexpr, KP: tl.constexpr, PACKED: 
     the row is copied out ``SUB`` entries at a time; with it, sorted (one ``tl.sort`` of ``KP``).
     """
     if cnt > TOPK:
-        _keep_top(p_bufr, cnt, TOPK, TOPK, SUB)
+        _keep_top(p_bufr, cnt, TOPK, TOPK, SUB, CAP)
         cnt = tl.full([], TOPK, dtype=tl.int32)
     if SORT:
         o_k = tl.arange(0, KP)  # [KP]
@@ -237,7 +257,7 @@ def _indexer_topk_rows_kernel(
     S, POS0, LKV, H, T0, NT_ROWS, NT_BLOCKS, TOTAL, NPROG,
     TOPK: tl.constexpr, KP: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SUB: tl.constexpr, BQ: tl.constexpr, HP: tl.constexpr, D: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ADMIT: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr,
-    FORCE_ENDS: tl.constexpr, TMA: tl.constexpr,
+    FORCE_ENDS: tl.constexpr, STAGED: tl.constexpr, TMA: tl.constexpr,
 ):
     """Flat scan with ``BQ`` consecutive rows per program: each key tile is loaded once for all of them.
 
@@ -246,10 +266,12 @@ def _indexer_topk_rows_kernel(
     The MMA's columns are head-major (column ``h·BQ + r``): in Hopper's accumulator layout a thread
     holds the columns ``8j + c`` for one ``c < 8``, so with ``BQ >= 8`` all heads of a (key, row)
     pair sit in one thread and their sum needs no shuffles and leaves no replicated copies.
-    The tile loop only scores: each tile's int32 score bits go to the program's staging slots for
-    the chunk (``[BQ, CHUNK·BLOCK_N]``). After the chunk the rows' admission test (one int32 compare,
-    module docstring) and appends run ``ADMIT`` keys of every row at a time: one prefix sum per
-    ``ADMIT`` keys instead of one per tile, and no count or threshold carried from tile to tile.
+    Each tile's keys pass the rows' admission test (one int32 compare, module docstring) and are
+    appended after a prefix sum over the tile; or, ``STAGED``, the tile loop only scores: each
+    tile's int32 score bits go to the program's staging slots for the chunk (``[BQ, CHUNK·BLOCK_N]``)
+    and after the chunk the admission test and appends run ``ADMIT`` keys of every row at a time
+    (one prefix sum per ``ADMIT`` keys instead of one per tile, and no count carried from tile to
+    tile). Staging pays for DSA's 2 rows × 64 heads, not for MISA's 8 × 8 (``STAGED_MAX_ROWS``).
     """
     o_r = tl.arange(0, BQ)  # [BQ]
     o_rh = tl.arange(0, BQ * HP)  # [BQ·HP]: row o_rh % BQ, head o_rh // BQ (head-major)
@@ -282,7 +304,7 @@ def _indexer_topk_rows_kernel(
         tau_bits = tl.full([BQ], EMPTY >> 32, dtype=tl.int32)  # [BQ] score bits of each row's threshold
         n_t = tl.cdiv(tl.max(n_vis, 0), BLOCK_N)
         for c0 in range(0, n_t, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
-            for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):  # scores only, to the chunk's staging slots
+            for it in range(c0, tl.minimum(c0 + CHUNK, n_t)):
                 o_key = (it * BLOCK_N + o_n).to(tl.int32)  # [BLOCK_N]
                 m_key = o_key < tl.max(n_vis, 0)
                 if TMA:
@@ -297,31 +319,39 @@ def _indexer_topk_rows_kernel(
                 if FORCE_ENDS:
                     ends = (o_key[:, None] == 0) | (o_key[:, None] == n_vis[None, :] - 1)
                     b_sc = tl.where(ends, float("inf"), b_sc)
-                b_bits = tl.where(m_vis, _score_bits(b_sc), SCRATCH_MIN)  # [BLOCK_N, BQ]
-                tl.store(p_stgp + o_r[None, :] * (CHUNK * BLOCK_N) + (it - c0) * BLOCK_N + o_n[:, None], b_bits)
-            tl.debug_barrier()  # the chunk's scores are visible to every thread
-            n_c = (tl.minimum(c0 + CHUNK, n_t) - c0) * BLOCK_N
-            for a0 in range(0, n_c, ADMIT):  # the admission test (module docstring), ADMIT keys of each row at a time
-                b_v = tl.load(p_stgp + o_r[:, None] * (CHUNK * BLOCK_N) + a0 + o_a[None, :], mask=(a0 + o_a < n_c)[None, :], other=SCRATCH_MIN)  # [BQ, ADMIT]
-                m_sel = (b_v > SCRATCH_MIN) & (b_v >= tau_bits[:, None])
-                b_pk = _pack(b_v, (c0 * BLOCK_N + a0 + o_a)[None, :] + tl.zeros([BQ, ADMIT], dtype=tl.int32))  # [BQ, ADMIT]
-                i_sel = m_sel.to(tl.int32)
-                tl.store(p_bufp + o_r[:, None] * CAP + cnt[:, None] + tl.cumsum(i_sel, 1) - 1, b_pk, mask=m_sel)
-                cnt += tl.sum(i_sel, 1)
-            tl.debug_barrier()  # the staging slots are read before the next chunk rewrites them
+                bits = _score_bits(b_sc)  # [BLOCK_N, BQ]
+                if STAGED:  # scores only, to the chunk's staging slots
+                    tl.store(p_stgp + o_r[None, :] * (CHUNK * BLOCK_N) + (it - c0) * BLOCK_N + o_n[:, None], tl.where(m_vis, bits, SCRATCH_MIN))
+                else:
+                    m_sel = m_vis & (bits >= tau_bits[None, :])  # the admission test (module docstring)
+                    b_pk = _pack(bits, o_key[:, None] + tl.zeros([BLOCK_N, BQ], dtype=tl.int32))  # [BLOCK_N, BQ]
+                    i_sel = m_sel.to(tl.int32)
+                    tl.store(p_bufp + o_r[None, :] * CAP + cnt[None, :] + tl.cumsum(i_sel, 0) - 1, b_pk, mask=m_sel)
+                    cnt += tl.sum(i_sel, 0)
+            if STAGED:
+                tl.debug_barrier()  # the chunk's scores are visible to every thread
+                n_c = (tl.minimum(c0 + CHUNK, n_t) - c0) * BLOCK_N
+                for a0 in range(0, n_c, ADMIT):  # the admission test (module docstring), ADMIT keys of each row at a time
+                    b_v = tl.load(p_stgp + o_r[:, None] * (CHUNK * BLOCK_N) + a0 + o_a[None, :], mask=(a0 + o_a < n_c)[None, :], other=SCRATCH_MIN)  # [BQ, ADMIT]
+                    m_sel = (b_v > SCRATCH_MIN) & (b_v >= tau_bits[:, None])
+                    b_pk = _pack(b_v, (c0 * BLOCK_N + a0 + o_a)[None, :] + tl.zeros([BQ, ADMIT], dtype=tl.int32))  # [BQ, ADMIT]
+                    i_sel = m_sel.to(tl.int32)
+                    tl.store(p_bufp + o_r[:, None] * CAP + cnt[:, None] + tl.cumsum(i_sel, 1) - 1, b_pk, mask=m_sel)
+                    cnt += tl.sum(i_sel, 1)
+                tl.debug_barrier()  # the staging slots are read before the next chunk rewrites them
             if tl.max(cnt, 0) > CAP - CHUNK * BLOCK_N:  # a row without room for another chunk keeps its TOPK best
                 for r in range(BQ):
                     c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                     if c_r > CAP - CHUNK * BLOCK_N:
-                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, TOPK, KEEP, SUB)
-                        tau_bits = tl.where(o_r == r, (t_r >> 32).to(tl.int32), tau_bits)
+                        t_r, k_r = _keep_top(p_bufp + r * CAP, c_r, TOPK, KEEP, SUB, CAP)
+                        tau_bits = tl.where(o_r == r, t_r, tau_bits)
                         cnt = tl.where(o_r == r, k_r, cnt)
         tl.debug_barrier()
         for r in range(BQ):
             if i_row0 + r < NT_ROWS:
                 c_r = tl.sum(tl.where(o_r == r, cnt, 0), 0)
                 p_o = p_out + i_b * s_ob + i_s * s_os + (i_row0 + r) * s_ot
-                _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB)
+                _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB, CAP)
 
 
 def indexer_topk(
@@ -450,6 +480,10 @@ def indexer_topk(
     return merge_splits(out, min(topk, splits * keep), topk, ascending=tiles is None or tiles_ascending)
 
 
+STAGED_MAX_ROWS = 2
+"""Row blocks of at most this many rows stage their scores (``STAGED``). Measured on an H100
+(``benchmarks/results/indexer_ab_h100.json``), 32K / 128K: DSA's 2 rows 32.3 → 30.0 / 401 → 382 ms;
+MISA's 8 rows 18.0 → 18.5 / 155 → 162 ms."""
 ADMIT_SLOTS = 2048
 """(row, key) scores the row-blocked scan's admission test handles at a time: ``ADMIT_SLOTS // BQ`` keys of each row."""
 MERGE_MAX = 16384
@@ -565,7 +599,8 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
         w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
-        ADMIT=min(chunk * block_n, ADMIT_SLOTS // bq), RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, TMA=desc_k is not None,
+        ADMIT=min(chunk * block_n, ADMIT_SLOTS // bq), RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
+        STAGED=bq <= STAGED_MAX_ROWS, TMA=desc_k is not None,
         num_warps=num_warps, **_stages(num_stages),
     )
     return out

@@ -74,21 +74,22 @@ def _score_tile(
 
 
 @triton.jit
-def _kth_largest(b, n_real, K: tl.constexpr):
-    """``(lo, c_lo)`` over the int32 bits ``b`` (``n_real`` of them above ``SCRATCH_MIN``).
+def _kth_largest(b, n_real, K: tl.constexpr, K_HI: tl.constexpr):
+    """``(lo, c_lo)`` over the int32 bits ``b`` (``n_real`` of them above ``SCRATCH_MIN``), in registers.
 
     ``lo`` is a threshold whose count ``c_lo = count(b >= lo)`` is ``>= min(K, n_real)``, and
-    either equals ``K`` or ``lo`` is the ``K``-th largest value (ties at ``lo`` make it larger).
-    Bisection on ``[lo, hi]`` holding the ``K``-th largest value, ``count(b >= lo) >= K``; at most
-    32 counting passes, fewer when a count hits ``K`` exactly. With at most ``K`` real values every
-    one is kept (``lo`` just above ``SCRATCH_MIN``).
+    either at most ``K_HI`` or ``lo`` is the ``K``-th largest value (ties at ``lo`` make the count
+    larger). Bisection on ``[lo, hi]`` holding the ``K``-th largest value, ``count(b >= lo) >= K``;
+    at most 32 counting passes, fewer when a count falls in ``[K, K_HI]`` (a window: any such
+    threshold keeps every top-``K`` value). With at most ``K`` real values every one is kept
+    (``lo`` just above ``SCRATCH_MIN``).
     """
     many = n_real > K
     real_min = tl.min(tl.where(b > SCRATCH_MIN, b, 2147483647), 0)
     lo = tl.where(many, real_min, SCRATCH_MIN + 1)
     hi = tl.where(many, tl.max(b, 0), SCRATCH_MIN + 1)
     c_lo = n_real
-    while (lo < hi) & (c_lo != K):
+    while (lo < hi) & (c_lo > K_HI):
         mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow: lo < mid <= hi
         c = tl.sum((b >= mid).to(tl.int32), 0)
         up = c >= K
@@ -143,7 +144,7 @@ def _whole_row_topk_kernel(
         n_slots = n_tiles * BLOCK_N
         b_all = tl.load(p_scr + o_p, mask=o_p < n_slots, other=SCRATCH_MIN)  # [NP]
         n_real = tl.sum((b_all > SCRATCH_MIN).to(tl.int32), 0)
-        tau, c_tau = _kth_largest(b_all, n_real, TOPK)
+        tau, c_tau = _kth_largest(b_all, n_real, TOPK, TOPK)
         skip_ties = tl.where(c_tau > TOPK, c_tau - TOPK, 0)  # ties at tau dropped: the first ones (smaller ids)
         p_o = p_out + i_b * s_ob + i_s * s_os + (i_r % NT_ROWS) * s_ot
         base = tl.zeros([], dtype=tl.int32)

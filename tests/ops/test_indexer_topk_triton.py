@@ -34,7 +34,10 @@ def assert_topk_equal(ix, got, want, r0):
     assert torch.equal(g, g.sort(-1).values), "ids must be ascending with -1 last"
     a, b = values(ix, got, r0), values(ix, want, r0)
     fin = torch.isfinite(b)
-    assert torch.equal(torch.isfinite(a), fin) and torch.allclose(a[fin], b[fin], atol=1e-4)
+    # On CUDA, fp32 inputs meet TF32 products in the kernel: keys within that rounding of the k-th
+    # score may swap with it, so the sorted chosen scores agree to TF32's precision there.
+    tol = dict(atol=5e-3, rtol=5e-3) if ON_CUDA else dict(atol=1e-4)
+    assert torch.equal(torch.isfinite(a), fin) and torch.allclose(a[fin], b[fin], **tol)
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
