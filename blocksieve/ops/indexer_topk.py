@@ -11,11 +11,11 @@ int32 compare of the score bits with ``tau``'s: a key whose packed value beats `
 bits ``>=`` its bits, so none is dropped, and the equal-score keys let in beyond those (none in a
 scan of increasing ids) leave at the next compaction. Tiles are scanned in chunks (up to 1,024 keys; the tile loop holds
 no nested loop, so Triton pipelines its loads); after a chunk, if the list lacks room for
-another, ``tau`` is raised by bisection on the packed value (counting passes, no sort) until
-between ``topk`` and ``KEEP`` entries are ``>= tau`` (a window, so a few passes suffice; no
-top-``topk`` entry is ever dropped) and the list is compacted to those, in order. The list is
-worked through ``LIST_CHUNK`` entries at a time, so it never sits in registers whole. The row's
-final compaction is exact. Appends and compactions keep arrival order, so the kept ids of a flat
+another, ``tau`` is raised by bisection on the entries' score bits, read once into registers
+(counting passes, no sort, no memory traffic per pass) until between ``topk`` and ``KEEP`` entries
+are ``>= tau`` (a window, so a few passes suffice; no top-``topk`` entry is ever dropped) and the
+list is compacted to those, in order, ``LIST_CHUNK`` entries at a time. The row's final
+compaction is exact; entries tied at its threshold keep the later ones (the larger ids). Appends and compactions keep arrival order, so the kept ids of a flat
 scan or an ascending tile list come out ascending (a TokenLayout row as is); other tile lists
 take one ``tl.sort``. Split rows (decode) return their packed lists.
 
@@ -49,50 +49,7 @@ EMPTY_SLOT = -9223372036854775807
 """Packed value of an empty slot: below every packed real score (including -inf)."""
 EMPTY = tl.constexpr(EMPTY_SLOT)
 LIST_CHUNK = 1024
-"""Scratch-list entries a compaction or a merge holds in registers at a time."""
-
-
-@triton.jit
-def _list_bounds(p_list, n, SUB: tl.constexpr):
-    """Smallest real value, largest value + 1 and number of real (non-``EMPTY``) values of the packed list ``p_list[0:n]``."""
-    o_s = tl.arange(0, SUB)
-    lo = tl.full([], 9223372036854775807, dtype=tl.int64)
-    hi = tl.full([], EMPTY, dtype=tl.int64)
-    n_real = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, n, SUB):
-        b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-        m_real = b_v != EMPTY
-        lo = tl.minimum(lo, tl.min(tl.where(m_real, b_v, 9223372036854775807), 0))
-        hi = tl.maximum(hi, tl.max(b_v, 0))
-        n_real += tl.sum(m_real.to(tl.int32), 0)
-    return lo, hi + 1, n_real
-
-
-@triton.jit
-def _threshold(p_list, n, K: tl.constexpr, K_HI: tl.constexpr, SUB: tl.constexpr):
-    """A threshold ``lo`` with ``min(K, real) <= count(>= lo) <= max(K_HI, real)`` over the packed list ``p_list[0:n]``, and that count.
-
-    The values are unique. Bisection keeps ``count(>= lo) >= K > count(>= hi)`` and stops once
-    the count is at most ``K_HI``: ``K_HI = K`` gives the ``K``-th largest value; a wider window
-    stops after fewer passes (about 4 instead of 13 with a window of 256 over 4,096 slots; ``K`` ≤
-    the count, so no top-``K`` entry is ever below the threshold). With at most ``K_HI`` real
-    values it is the smallest of them (all kept). The list is read from memory ``SUB`` values at a
-    time, each pass a count: the list never sits in registers whole, so the scan's register
-    budget is not set by it.
-    """
-    lo, hi, c_lo = _list_bounds(p_list, n, SUB)
-    o_s = tl.arange(0, SUB)
-    while (c_lo > K_HI) & (lo + 1 < hi):
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
-        c = tl.zeros([], dtype=tl.int32)  # count(>= mid)
-        for c0 in range(0, n, SUB):
-            b_v = tl.load(p_list + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-            c += tl.sum((b_v >= mid).to(tl.int32), 0)
-        up = c >= K
-        lo = tl.where(up, mid, lo)
-        c_lo = tl.where(up, c, c_lo)
-        hi = tl.where(up, hi, mid)
-    return lo, c_lo
+"""Scratch-list entries a compaction or a merge moves at a time."""
 
 
 @triton.jit
@@ -109,47 +66,38 @@ def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.c
     ``KEEP_MAX = TOPK`` keeps exactly the top ``TOPK`` (the end of a row); inside the scan a wider
     window costs fewer passes. The threshold is searched on the entries' score bits (their high
     halves), read once into registers (``CAP`` int32), by bisection (``whole_row_topk._kth_largest``):
-    no pass over memory per step. Entries tied at it beyond the window keep the later ones (in
-    arrival order: the larger ids, as the packed order has it). One order-keeping compaction then
-    works through the list ``SUB`` entries at a time, in place (a chunk's entries move only to
-    slots before it).
+    no pass over memory per step (this made the 128K scans 15-29 % faster than the chunked passes
+    over the list it replaced, ``benchmarks/results/indexer_ab_register_h100.json``). Then one
+    order-keeping compaction in place (:func:`_compact`).
     """
     tl.debug_barrier()  # the appends of every thread are visible
     o_c = tl.arange(0, CAP)  # [CAP]
     b_hi = (tl.load(p_bufr + o_c, mask=o_c < cnt, other=EMPTY) >> 32).to(tl.int32)  # [CAP] score bits
     tau, c_tau = _kth_largest(b_hi, cnt, TOPK, KEEP_MAX)
-    skip = tl.where(c_tau > KEEP_MAX, c_tau - TOPK, 0)  # ties at tau dropped: the first ones
-    o_s = tl.arange(0, SUB)
-    base = tl.zeros([], dtype=tl.int32)
-    ties = tl.zeros([], dtype=tl.int32)
-    for c0 in range(0, cnt, SUB):
-        b_v = tl.load(p_bufr + c0 + o_s, mask=c0 + o_s < cnt, other=EMPTY)  # [SUB]
-        b_b = (b_v >> 32).to(tl.int32)
-        m_tie = (b_b == tau) & (c0 + o_s < cnt)
-        i_tie = ties + tl.cumsum(m_tie.to(tl.int32), 0)  # [SUB] ties up to here, this one included
-        m_keep = (c0 + o_s < cnt) & ((b_b > tau) | (m_tie & (i_tie > skip)))
-        i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [SUB]
-        tl.debug_barrier()
-        tl.store(p_bufr + i_pos, b_v, mask=m_keep)
-        base += tl.sum(m_keep.to(tl.int32), 0)
-        ties += tl.sum(m_tie.to(tl.int32), 0)
-    tl.debug_barrier()
-    return tau, base
+    kept = _compact(p_bufr, cnt, tau, tl.where(c_tau > KEEP_MAX, c_tau - TOPK, 0), p_bufr, False, SUB)
+    return tau, kept
 
 
 @triton.jit
-def _compact(p_src, n, tau, p_dst, AS_IDS: tl.constexpr, SUB: tl.constexpr):
-    """Write the packed values ``>= tau`` of ``p_src[0:n]``, in order, to the front of ``p_dst``; returns their number.
+def _compact(p_src, n, tau, skip, p_dst, AS_IDS: tl.constexpr, SUB: tl.constexpr):
+    """Write the entries of ``p_src[0:n]`` with score bits ``> tau``, and those ``== tau`` but the first ``skip``, in order, to the front of ``p_dst``.
 
-    ``AS_IDS``: write their int32 key ids instead. ``SUB`` entries at a time; ``p_dst`` may be
+    Returns their number. Dropping the first ties keeps the later ones: in arrival order the
+    larger ids, as the packed order has it. ``EMPTY`` slots are never kept. ``AS_IDS``: write the
+    int32 key ids instead of the packed values. ``SUB`` entries at a time; ``p_dst`` may be
     ``p_src`` (a chunk's entries only move to slots before it, and each chunk is read before any
     of it is overwritten).
     """
     o_s = tl.arange(0, SUB)
     base = tl.zeros([], dtype=tl.int32)
+    ties = tl.zeros([], dtype=tl.int32)
     for c0 in range(0, n, SUB):
         b_v = tl.load(p_src + c0 + o_s, mask=c0 + o_s < n, other=EMPTY)  # [SUB]
-        m_keep = b_v >= tau
+        b_b = (b_v >> 32).to(tl.int32)
+        m_real = b_v != EMPTY
+        m_tie = m_real & (b_b == tau)
+        i_tie = ties + tl.cumsum(m_tie.to(tl.int32), 0)  # [SUB] ties up to here, this one included
+        m_keep = m_real & ((b_b > tau) | (m_tie & (i_tie > skip)))
         i_pos = base + tl.cumsum(m_keep.to(tl.int32), 0) - 1  # [SUB]
         tl.debug_barrier()
         if AS_IDS:
@@ -157,6 +105,7 @@ def _compact(p_src, n, tau, p_dst, AS_IDS: tl.constexpr, SUB: tl.constexpr):
         else:
             tl.store(p_dst + i_pos, b_v, mask=m_keep)
         base += tl.sum(m_keep.to(tl.int32), 0)
+        ties += tl.sum(m_tie.to(tl.int32), 0)
     tl.debug_barrier()
     return base
 
@@ -509,20 +458,28 @@ def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> t
     rows = packed.numel() // n
     if rows:
         _merge_kernel[(rows,)](
-            packed, out, N=n, K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)),
+            packed, out, N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)),
             num_warps=4 if n <= 2048 else 8,
         )
     return out
 
 
 @triton.jit
-def _merge_kernel(p_in, p_out, N: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr):
-    """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded."""
+def _merge_kernel(
+    p_in, p_out, N: tl.constexpr, NP: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr,
+):
+    """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded.
+
+    The exact threshold is searched on the score bits held in registers (``NP`` int32), ties at it
+    keep the later entries (the larger ids of ascending lists)."""
     i_r = tl.program_id(0).to(tl.int64)
     p_row = p_in + i_r * N
-    tau = _threshold(p_row, N, K_SEL, K_SEL, SUB)[0]  # all real values when at most K_SEL
+    o_n = tl.arange(0, NP)  # [NP]
+    b_hi = (tl.load(p_row + o_n, mask=o_n < N, other=EMPTY) >> 32).to(tl.int32)  # [NP] score bits; EMPTY → SCRATCH_MIN
+    n_real = tl.sum((b_hi > SCRATCH_MIN).to(tl.int32), 0)
+    tau, c_tau = _kth_largest(b_hi, n_real, K_SEL, K_SEL)  # all real values when at most K_SEL
     p_o = p_out + i_r * TOPK
-    base = _compact(p_row, N, tau, p_o, True, SUB)  # the kept ids, in order
+    base = _compact(p_row, N, tau, tl.where(c_tau > K_SEL, c_tau - K_SEL, 0), p_o, True, SUB)  # the kept ids, in order
     o_k = tl.arange(0, KP)  # [KP]
     tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
     if SORT:
