@@ -66,9 +66,8 @@ def _keep_top(p_bufr, cnt, TOPK: tl.constexpr, KEEP_MAX: tl.constexpr, SUB: tl.c
     ``KEEP_MAX = TOPK`` keeps exactly the top ``TOPK`` (the end of a row); inside the scan a wider
     window costs fewer passes. The threshold is searched on the entries' score bits (their high
     halves), read once into registers (``CAP`` int32), by bisection (``whole_row_topk._kth_largest``):
-    no pass over memory per step (this made the 128K scans 15-29 % faster than the chunked passes
-    over the list it replaced, ``benchmarks/results/indexer_ab_register_h100.json``). Then one
-    order-keeping compaction in place (:func:`_compact`).
+    no pass over memory per step (``docs/dev/tokens_notes.md``, session 7, has what that saved).
+    Then one order-keeping compaction in place (:func:`_compact`).
     """
     tl.debug_barrier()  # the appends of every thread are visible
     o_c = tl.arange(0, CAP)  # [CAP]
