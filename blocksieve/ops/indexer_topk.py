@@ -546,7 +546,8 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
     total = b * s * nblk
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 4))
     buf = torch.empty(nprog, bq * cap, dtype=torch.int64, device=q.device)
-    staging = torch.empty(nprog, bq * chunk * block_n, dtype=torch.int32, device=q.device)
+    staged = bq <= STAGED_MAX_ROWS
+    staging = torch.empty(nprog, bq * chunk * block_n if staged else 1, dtype=torch.int32, device=q.device)
     if out is None:
         out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device)
     _indexer_topk_rows_kernel[(nprog,)](
@@ -556,7 +557,7 @@ def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_
         s, kv_tokens - lq, k.shape[2], h, t0, nrows, nblk, total, nprog,
         TOPK=topk, KP=next_pow2(topk), CAP=cap, KEEP=keep, SUB=min(LIST_CHUNK, cap), BQ=bq, HP=hp, D=d, BLOCK_N=block_n, CHUNK=chunk,
         ADMIT=min(chunk * block_n, ADMIT_SLOTS // bq), RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
-        STAGED=bq <= STAGED_MAX_ROWS, TMA=desc_k is not None,
+        STAGED=staged, TMA=desc_k is not None,
         num_warps=num_warps, **_stages(num_stages),
     )
     return out
