@@ -4,7 +4,7 @@ For rows of at most :data:`WHOLE_ROW_MAX` candidate keys (HISA's 8,192 candidate
 pooled-block scan), :mod:`blocksieve.ops.indexer_topk`'s streaming list pays, on every key tile, an
 admission test, a prefix sum over the tile and a count, each a round trip through shared memory
 with barriers, and several compactions per row. Here a program's tile loop only scores: a tile's
-order-preserving int32 score bits (``indexer_topk._score_bits``) go to the row's scratch at the
+order-preserving int32 score bits (:func:`_score_bits`) go to the row's scratch at the
 tile's slots (keys the row cannot see get ``INT32_MIN``). Then the row's scores are loaded whole
 into registers and the exact top-``topk`` threshold is found by bisection on the int32 bits
 (counting passes over registers, no memory traffic); at most ``topk`` keys are kept, ties at the
@@ -34,7 +34,7 @@ SELECT_CHUNK = 1024
 
 @triton.jit
 def _score_bits(b_sc):
-    """fp32 scores → int32 bits that order as the scores do (as signed ints); as ``indexer_topk``'s."""
+    """fp32 scores → int32 bits that order as the scores do (as signed ints); ``indexer_topk`` packs the same bits."""
     bits = b_sc.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
