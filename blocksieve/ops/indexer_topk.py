@@ -429,9 +429,10 @@ def indexer_topk(
 
 
 STAGED_MAX_ROWS = 2
-"""Row blocks of at most this many rows stage their scores (``STAGED``). Measured on an H100
-(``benchmarks/results/indexer_ab_h100.json``), 32K / 128K: DSA's 2 rows 32.3 → 30.0 / 401 → 382 ms;
-MISA's 8 rows 18.0 → 18.5 / 155 → 162 ms."""
+"""Row blocks of at most this many rows stage their scores (``STAGED``). Measured on an H100,
+32K / 128K (``benchmarks/results/indexer_ab_staged_all_h100.json``): DSA's 2 rows 32.3 → 30.0 /
+401 → 382 ms; MISA's 8 rows 18.0 → 18.5 / 155 → 162 ms, and with the register compactions still
+112.0 → 114.8 ms at 128K (``indexer_ab_staged_misa_h100.json``)."""
 ADMIT_SLOTS = 2048
 """(row, key) scores the row-blocked scan's admission test handles at a time: ``ADMIT_SLOTS // BQ`` keys of each row."""
 MERGE_MAX = 16384
