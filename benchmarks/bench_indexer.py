@@ -13,8 +13,8 @@ Stages, each written to the JSON as soon as it is done (a later failure keeps th
    the chosen keys must agree (tie-robust). A method that fails is not timed.
 3. ``prefill`` at each length, B = 1, all queries; the chunked PyTorch scan only up to 32K.
 4. ``decode``: B = 8, one new query against ``L`` cached keys, the step a decoding model runs: the
-   pooled keys of the previous step are updated for the new token only (``update_pooled``), then
-   the top-k. Peak extra memory is the CUDA allocator's peak during one call minus what was
+   pooled keys of the previous step (kept, as a decoding model keeps them, with room for more
+   blocks) are updated in place for the new token only (``update_pooled``), then the top-k. Peak extra memory is the CUDA allocator's peak during one call minus what was
    allocated before it (the returned layout included: ``B·Lq·topk·4`` bytes). ``graph_ms``: the same
    step replayed from a CUDA graph, without the host's launch cost (eager decode is host-bound).
 5. ``end_to_end`` at the largest length: indexer + ``blocksieve.attend`` (Triton token-sparse kernel,
@@ -24,6 +24,7 @@ On an H200 (about 4 minutes)::
 
     python -u -m benchmarks.bench_indexer --out $OUT/indexer_h200.json 2>&1 | tee $OUT/indexer_log.txt
 
+``--decode-only`` times only the decode steps and adds each one's GPU kernel timeline.
 ``--smoke`` runs every stage at toy sizes (on the CPU: ``TRITON_INTERPRET=1``, fp16, 3-8 minutes).
 """
 
@@ -85,7 +86,7 @@ def decode_fns(c, dec):
     step updates it for the new key only, as :class:`~blocksieve.methods.hisa.Hisa` does.
     """
     n = dec.kv_len
-    prev = {blk: pool_keys(dec.k[:, :, : n - 1], blk) for blk in (c["hisa_block"], c["misa_block"])}
+    prev = {blk: update_pooled(None, 0, dec.k[:, :, : n - 1], blk, "mean") for blk in (c["hisa_block"], c["misa_block"])}
 
     def hisa(be):
         pooled = update_pooled(prev[c["hisa_block"]], n - 1, dec.k, c["hisa_block"], "mean")
@@ -257,6 +258,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="toy sizes (CPU: set TRITON_INTERPRET=1)")
     ap.add_argument("--no-warmup", action="store_true", help="compile in the main process instead")
+    ap.add_argument("--decode-only", action="store_true", help="time only the decode steps (with their GPU kernel timelines)")
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     c = dict(SIZES["smoke" if args.smoke else "full"])
@@ -288,10 +290,10 @@ def main(argv=None):
     for n in c["lengths"]:
         ix = make_indexer(c, 1, n, n, device)
         for name, fn in prefill_fns(c).items():
-            if ok[name]:
+            if ok[name] and not args.decode_only:
                 rows.append({"mode": "prefill", "L": n, "method": name, **timed(lambda fn=fn, ix=ix: fn(ix, "triton"), c["repeats"])})
                 log(rows[-1])
-        if n <= c["torch_max"]:
+        if n <= c["torch_max"] and not args.decode_only:
             rows.append({"mode": "prefill", "L": n, "method": "dsa_torch_chunked", **timed(lambda ix=ix: flat_topk(ix, c["topk"], "torch"), 1)})
             log(rows[-1])
         add_speedups(rows)
@@ -301,11 +303,13 @@ def main(argv=None):
             if ok[f"{name}_decode"]:
                 rows.append({"mode": f"decode_b{c['decode_batch']}", "L": n, "method": name, **timed(lambda fn=fn: fn("triton"), 10)})
                 rows[-1].update(graph_replay(lambda fn=fn: fn("triton")))
+                if args.decode_only and device == "cuda":
+                    rows[-1]["timeline"] = kernel_timeline(lambda fn=fn: fn("triton"))
                 log(rows[-1])
         dec = None
         add_speedups(rows)
         save(f"decode_{n}")
-        if n == max(c["lengths"]):
+        if n == max(c["lengths"]) and not args.decode_only:
             result["end_to_end"] = end_to_end(c, ix, ok, device)
             save("end_to_end")
         ix = None

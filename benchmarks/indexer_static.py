@@ -90,7 +90,10 @@ def compile_whole_row_kernel(tiles: bool, width: int, topk: int = 2048, block_n:
 
 def compile_merge_kernel(n: int, kk: int, topk: int, sort: bool):
     """The one-program-per-row split merge (``merge_splits``) for sm_90."""
-    consts = dict(N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=sort, SUB=min(indexer_topk.MERGE_CHUNK, next_pow2(n)))
+    consts = dict(
+        N=n, PART=next_pow2(n), NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), FILL=-1, AS_IDS=True, SORT=sort,
+        SUB=min(indexer_topk.MERGE_CHUNK, next_pow2(n)),
+    )
     return _compile(indexer_topk._merge_kernel, {"p_in": "*i64", "p_out": "*i32"}, consts, num_warps=4 if n <= 2048 else 8)
 
 

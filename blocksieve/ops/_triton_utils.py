@@ -88,6 +88,23 @@ def row_view(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t.view(b * h * length, d) if mergeable and aligned else None
 
 
+def set_rows(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t [B, S, L, D]`` as ``[R, D]`` rows from its first element, set ``(b, s)`` at row ``(b·s_b + s·s_s) / D``, or None.
+
+    Needs contiguous rows (``s_l = D``, ``s_d = 1``), set strides that are whole rows and 16-byte
+    alignment. Unlike :func:`row_view`, sets need not be adjacent: a view of the first ``L`` rows
+    of a cache with room for more (a decode state) works; rows between the sets are simply never
+    asked for.
+    """
+    b, s, length, d = t.shape
+    s_b, s_s, s_l, s_d = t.stride()
+    if s_d != 1 or s_l != d or s_b % d or s_s % d or s_b < 0 or s_s < 0 or length == 0:
+        return None
+    if t.data_ptr() % 16 or (d * t.element_size()) % 16:
+        return None
+    return t.as_strided(((b - 1) * s_b // d + (s - 1) * s_s // d + length, d), (d, 1))
+
+
 def tma_available(t: torch.Tensor) -> bool:
     """TMA copies exist on Hopper and later (and in the CPU interpreter, which emulates them)."""
     if interpreting():

@@ -23,7 +23,7 @@ Key sources per row: all causal keys (flat scan), a list of key tiles (HISA's ch
 ``POS_MULT > 1`` scores pooled blocks (block ``j`` is visible iff ``j·POS_MULT <= pos``) with the
 first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a row's tiles over
 several programs (decode: few rows) and merges their packed top-k lists (:func:`merge_splits`: one
-Triton program per row, or an int32 ``torch.topk`` of the score bits for long lists).
+Triton program per row, in levels for long rows).
 
 Rows of at most ``WHOLE_ROW_MAX`` keys scanned one per program (HISA's candidate and pooled-block
 scans) go by default to :mod:`blocksieve.ops.whole_row_topk`: every score first, then one exact
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, row_view, sm_count, tma_available
+from blocksieve.ops._triton_utils import interpreting, next_pow2, set_rows, sm_count, tma_available
 from blocksieve.ops.whole_row_topk import SCRATCH_MIN, WHOLE_ROW_MAX, _kth_largest, _score_bits, _score_tile, whole_row_topk
 
 __all__ = ["indexer_topk", "merge_splits"]
@@ -140,6 +140,7 @@ def _indexer_topk_kernel(
         p_wr = p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt
         b_w = tl.load(p_wr + o_h, mask=m_h, other=0.0)  # [HP]
         p_kr = p_k + i_b * s_kb + i_s * s_ks
+        r_k = (i_b * s_kb + i_s * s_ks) // D  # the set's first row in desc_k
         if HAS_TILES:
             n_tiles = NUM_TILES
         else:
@@ -154,7 +155,7 @@ def _indexer_topk_kernel(
         for c0 in range(t_lo, t_hi, CHUNK):  # the inner loop has no nested loop, so Triton can pipeline its loads
             for it in range(c0, tl.minimum(c0 + CHUNK, t_hi)):
                 b_sc, o_key, m_key, tile = _score_tile(
-                    p_kr, desc_k, p_tr, b_q, b_w, tile, it, t_hi, n_vis, i_bs, LKV, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
+                    p_kr, desc_k, p_tr, b_q, b_w, tile, it, t_hi, n_vis, r_k, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
                 )
                 bits = _score_bits(b_sc)  # [BLOCK_N]
                 m_sel = m_key & (bits >= tau_bits)  # the admission test (module docstring)
@@ -248,6 +249,7 @@ def _indexer_topk_rows_kernel(
         b_q = tl.load(p_qr[:, None] + o_d[None, :], mask=m_rh[:, None], other=0.0)  # [BQ·HP, D]
         b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_rh // BQ, mask=m_rh, other=0.0)  # [BQ·HP]
         p_kr = p_k + i_b * s_kb + i_s * s_ks
+        r_k = (i_b * s_kb + i_s * s_ks) // D  # the set's first row in desc_k
         cnt = tl.zeros([BQ], dtype=tl.int32)
         tau_bits = tl.full([BQ], EMPTY >> 32, dtype=tl.int32)  # [BQ] score bits of each row's threshold
         n_t = tl.cdiv(tl.max(n_vis, 0), BLOCK_N)
@@ -256,7 +258,7 @@ def _indexer_topk_rows_kernel(
                 o_key = (it * BLOCK_N + o_n).to(tl.int32)  # [BLOCK_N]
                 m_key = o_key < tl.max(n_vis, 0)
                 if TMA:
-                    b_k = desc_k.load([(i_bs * LKV + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
+                    b_k = desc_k.load([(r_k + it * BLOCK_N).to(tl.int32), 0])  # [BLOCK_N, D]
                 else:
                     b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
                 b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, BQ·HP]
@@ -436,7 +438,7 @@ STAGED_MAX_ROWS = 2
 ADMIT_SLOTS = 2048
 """(row, key) scores the row-blocked scan's admission test handles at a time: ``ADMIT_SLOTS // BQ`` keys of each row."""
 MERGE_MAX = 16384
-"""Most packed entries per row that :func:`merge_splits` merges in one Triton program (more: PyTorch)."""
+"""Most packed entries a merge program holds (its part of a row; a longer row is merged in levels)."""
 MERGE_CHUNK = 8192
 """Entries the merge program reads at a time (8,192 int64 over 8 warps: 32 per thread; the passes hit L1)."""
 
@@ -445,43 +447,64 @@ def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> t
     """Top ``kk`` of the split rows' packed lists ``[..., N]`` int64 → ascending int32 ids ``[..., topk]``, -1 padded.
 
     ``ascending``: the concatenated lists hold their keys in increasing id (splits are contiguous
-    ranges of a flat scan or of an ascending tile list, each list in arrival order). Up to
-    :data:`MERGE_MAX` entries per row, one Triton program per row does it all (an exact threshold by
-    bisection, an order-keeping compaction; a sort only when not ``ascending``): one launch where
-    :func:`_merge_splits` takes about a dozen, which a decode step pays in latency. Else PyTorch.
+    ranges of a flat scan or of an ascending tile list, each list in arrival order). One Triton
+    program per row and part of at most :data:`MERGE_MAX` entries does it all (an exact threshold
+    by bisection, an order-keeping compaction; a sort only when not ``ascending``). A longer row
+    (a flat decode scan: 33 splits of 2,048 at 128K) is cut into contiguous parts whose top ``kk``
+    are merged again: exact, as every key of the row's top ``kk`` is in its part's top ``kk``, and
+    in order, as parts keep theirs. A few launches where :func:`_merge_splits` takes about thirty,
+    which a decode step pays in latency. PyTorch on the CPU and when ``2·kk > MERGE_MAX``.
     """
     n = packed.shape[-1]
-    if not (packed.is_cuda or interpreting()) or next_pow2(n) > MERGE_MAX:
+    if not (packed.is_cuda or interpreting()) or (next_pow2(n) > MERGE_MAX and 2 * kk > MERGE_MAX):
         return _merge_splits(packed, kk, topk)
     packed = packed.contiguous()
-    out = torch.empty(*packed.shape[:-1], topk, dtype=torch.int32, device=packed.device)
-    rows = packed.numel() // n
-    if rows:
-        _merge_kernel[(rows,)](
-            packed, out, N=n, NP=next_pow2(n), K_SEL=kk, TOPK=topk, KP=next_pow2(topk), SORT=not ascending, SUB=min(MERGE_CHUNK, next_pow2(n)),
-            num_warps=4 if n <= 2048 else 8,
+    while next_pow2(n) > MERGE_MAX:
+        parts, k1 = -(-n // MERGE_MAX), min(kk, MERGE_MAX)
+        packed = _merge_launch(packed, n, MERGE_MAX, k1, k1, False, False)
+        n = parts * k1
+    return _merge_launch(packed, n, next_pow2(n), kk, topk, True, not ascending)
+
+
+def _merge_launch(packed: torch.Tensor, n: int, part: int, kk: int, topk: int, as_ids: bool, sort: bool) -> torch.Tensor:
+    """``_merge_kernel`` over rows of ``n`` entries cut into parts of ``part``: ``[..., parts · topk]``.
+
+    ``as_ids``: int32 ids, -1 padded; else the packed entries, ``EMPTY_SLOT`` padded (an inner level).
+    """
+    parts = -(-n // part)
+    rows = packed.numel() // n if n else 0
+    dtype, fill = (torch.int32, -1) if as_ids else (torch.int64, EMPTY_SLOT)
+    out = torch.empty(*packed.shape[:-1], parts * topk, dtype=dtype, device=packed.device)
+    if rows and parts:
+        _merge_kernel[(rows, parts)](
+            packed, out, N=n, PART=part, NP=next_pow2(min(n, part)), K_SEL=min(kk, part), TOPK=topk, KP=next_pow2(topk), FILL=fill,
+            AS_IDS=as_ids, SORT=sort, SUB=min(MERGE_CHUNK, next_pow2(min(n, part))), num_warps=4 if min(n, part) <= 2048 else 8,
         )
     return out
 
 
 @triton.jit
 def _merge_kernel(
-    p_in, p_out, N: tl.constexpr, NP: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr,
+    p_in, p_out, N: tl.constexpr, PART: tl.constexpr, NP: tl.constexpr, K_SEL: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    FILL: tl.constexpr, AS_IDS: tl.constexpr, SORT: tl.constexpr, SUB: tl.constexpr,
 ):
-    """One row of :func:`merge_splits`: the ``K_SEL`` largest of ``N`` packed values → ``TOPK`` ids, -1 padded.
+    """Part ``program_id(1)`` (entries ``[i·PART, (i+1)·PART)``) of row ``program_id(0)`` of :func:`merge_splits`:
+    its ``K_SEL`` largest packed values, in order, → ``TOPK`` slots (ids or packed entries), ``FILL`` padded.
 
     The exact threshold is searched on the score bits held in registers (``NP`` int32), ties at it
     keep the later entries (the larger ids of ascending lists)."""
     i_r = tl.program_id(0).to(tl.int64)
-    p_row = p_in + i_r * N
+    i_p = tl.program_id(1)
+    n = tl.minimum(N - i_p * PART, PART)
+    p_row = p_in + i_r * N + i_p * PART
     o_n = tl.arange(0, NP)  # [NP]
-    b_hi = (tl.load(p_row + o_n, mask=o_n < N, other=EMPTY) >> 32).to(tl.int32)  # [NP] score bits; EMPTY → SCRATCH_MIN
+    b_hi = (tl.load(p_row + o_n, mask=o_n < n, other=EMPTY) >> 32).to(tl.int32)  # [NP] score bits; EMPTY → SCRATCH_MIN
     n_real = tl.sum((b_hi > SCRATCH_MIN).to(tl.int32), 0)
     tau, c_tau = _kth_largest(b_hi, n_real, K_SEL, K_SEL)  # all real values when at most K_SEL
-    p_o = p_out + i_r * TOPK
-    base = _compact(p_row, N, tau, tl.where(c_tau > K_SEL, c_tau - K_SEL, 0), p_o, True, SUB)  # the kept ids, in order
+    p_o = p_out + (i_r * tl.num_programs(1) + i_p) * TOPK
+    base = _compact(p_row, n, tau, tl.where(c_tau > K_SEL, c_tau - K_SEL, 0), p_o, AS_IDS, SUB)  # the kept entries, in order
     o_k = tl.arange(0, KP)  # [KP]
-    tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
+    tl.store(p_o + o_k, tl.full([KP], FILL, dtype=p_o.dtype.element_ty), mask=(o_k >= base) & (o_k < TOPK))
     if SORT:
         tl.debug_barrier()
         b_id = tl.load(p_o + o_k, mask=o_k < base, other=2147483647)
@@ -506,13 +529,13 @@ def _merge_splits(packed: torch.Tensor, kk: int, topk: int) -> torch.Tensor:
 
 
 def _key_descriptor(k: torch.Tensor, block_n: int, tma: Optional[bool]) -> Optional[TensorDescriptor]:
-    """TMA descriptor of ``block_n``-key tiles over ``k [B, S, Lkv, d]`` as ``[B·S·Lkv, d]`` rows, or None."""
-    rows = row_view(k) if tma is not False and tma_available(k) else None
+    """TMA descriptor of ``block_n``-key tiles over ``k [B, S, Lkv, d]``'s rows (:func:`set_rows`), or None."""
+    rows = set_rows(k) if tma is not False and tma_available(k) else None
     if rows is not None and rows.shape[0] >= 2**31:  # TMA coordinates are int32
         rows = None
     if rows is None:
         if tma:
-            raise ValueError("tma=True needs a Hopper GPU (or TRITON_INTERPRET=1) and k contiguous in its last three dims")
+            raise ValueError("tma=True needs a Hopper GPU (or TRITON_INTERPRET=1) and k with contiguous rows of d keys, 16-byte aligned")
         return None
     return TensorDescriptor.from_tensor(rows, [block_n, k.shape[-1]])
 

@@ -41,7 +41,7 @@ def _score_bits(b_sc):
 
 @triton.jit
 def _score_tile(
-    p_kr, desc_k, p_tr, b_q, b_w, tile, it, t_end, n_vis, i_bs, LKV, s_kl, o_n, o_d,
+    p_kr, desc_k, p_tr, b_q, b_w, tile, it, t_end, n_vis, r_k, s_kl, o_n, o_d,
     BLOCK_N: tl.constexpr, RELU: tl.constexpr, FORCE_ENDS: tl.constexpr, HAS_TILES: tl.constexpr, TMA: tl.constexpr,
 ):
     """Indexer scores of one row's ``it``-th key tile: ``(b_sc, o_key, m_key, next tile id)``, each ``[BLOCK_N]`` but the id.
@@ -60,8 +60,8 @@ def _score_tile(
         key_0 = it * BLOCK_N
         o_key = key_0 + o_n  # [BLOCK_N]
         m_key = o_key < n_vis
-    if TMA:  # rows past the set's keys (next set, or TMA's zero fill) are masked by m_key
-        b_k = desc_k.load([(i_bs * LKV + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
+    if TMA:  # key j of the set is row r_k + j; rows past its keys (another set's, or TMA's zero fill) are masked by m_key
+        b_k = desc_k.load([(r_k + tl.maximum(key_0, 0)).to(tl.int32), 0])  # [BLOCK_N, D]
     else:
         b_k = tl.load(p_kr + o_key[:, None] * s_kl + o_d[None, :], mask=m_key[:, None], other=0.0)  # [BLOCK_N, D]
     b_l = tl.dot(b_k, tl.trans(b_q))  # [BLOCK_N, HP]
@@ -128,6 +128,7 @@ def _whole_row_topk_kernel(
         b_q = tl.load(p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + o_h[:, None] * s_qh + o_d[None, :], mask=m_h[:, None], other=0.0)  # [HP, D]
         b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_h, mask=m_h, other=0.0)  # [HP]
         p_kr = p_k + i_b * s_kb + i_s * s_ks
+        r_k = (i_b * s_kb + i_s * s_ks) // D  # the set's first row in desc_k
         p_tr = p_tiles + i_r * NUM_TILES
         if HAS_TILES:
             n_tiles = NUM_TILES
@@ -137,7 +138,7 @@ def _whole_row_topk_kernel(
         for c0 in range(0, n_tiles, NP // BLOCK_N):  # one pass: the compiler then keeps q's shared-memory copy out of the tile loop
             for it in range(c0, tl.minimum(c0 + NP // BLOCK_N, n_tiles)):  # scores only: no admission, prefix sum or count per tile
                 b_sc, o_key, m_key, tile = _score_tile(
-                    p_kr, desc_k, p_tr, b_q, b_w, tile, it, n_tiles, n_vis, i_bs, LKV, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
+                    p_kr, desc_k, p_tr, b_q, b_w, tile, it, n_tiles, n_vis, r_k, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
                 )
                 tl.store(p_scr + it * BLOCK_N + o_n, tl.where(m_key, _score_bits(b_sc), SCRATCH_MIN))
         tl.debug_barrier()  # every thread's scores are visible

@@ -58,15 +58,47 @@ def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
 
 
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
-    """Pooled keys of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
+    """Pooled keys ``[B, S, ceil(L / block), d]`` of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
 
-    Decode: only the blocks from ``n_pooled // block`` on are pooled again (O(new keys + block);
-    one block, one reduction, for a step of one key).
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again and written in place
+    into ``pooled``'s storage, which is allocated with room for :func:`pooled_room` more blocks:
+    O(new keys + block) per step, no copy of the earlier blocks (a view of the first
+    ``ceil(L / block)`` blocks is returned, the same storage while the room lasts). So the
+    ``pooled`` passed in must not be used after the call: its last block may have changed.
     """
-    if pooled is None or n_pooled == 0:
-        return pool_keys(k, block, mode)
-    first = n_pooled // block
-    return torch.cat([pooled[:, :, :first], pool_keys(k[:, :, first * block :], block, mode)], 2)
+    if mode not in ("mean", "max"):
+        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
+    b, s, n, d = k.shape
+    nb = -(-n // block)
+    first = n_pooled // block if pooled is not None else 0
+    if pooled is not None and (pooled.shape[:2] != (b, s) or pooled.shape[3] != d or pooled.shape[2] < first):
+        raise ValueError(
+            f"pooled {tuple(pooled.shape)} must be [B={b}, S={s}, >= {first}, d={d}] (the pooled keys of k's first "
+            f"n_pooled={n_pooled} keys): pass the tensor the previous update_pooled returned"
+        )
+    if pooled is not None and _has_room(pooled, nb):
+        out = pooled.as_strided((b, s, nb, d), pooled.stride())
+    else:
+        out = torch.zeros(b, s, nb + pooled_room(nb), d, dtype=k.dtype, device=k.device)[:, :, :nb]
+        if first:
+            out[:, :, :first] = pooled[:, :, :first]
+    if first < nb:
+        out[:, :, first:] = pool_keys(k[:, :, first * block :], block, mode)
+    return out
+
+
+def _has_room(pooled: torch.Tensor, nb: int) -> bool:
+    """Whether ``pooled [B, S, ·, d]``'s storage holds ``nb`` blocks per set at its strides (sets apart)."""
+    b, s, _, d = pooled.shape
+    s_b, s_s, s_n, s_d = pooled.stride()
+    apart = s_d == 1 and s_n == d and s_s >= nb * d and (b == 1 or s_b >= s * s_s)
+    end = pooled.storage_offset() + (b - 1) * s_b + (s - 1) * s_s + nb * d
+    return apart and end * pooled.element_size() <= pooled.untyped_storage().nbytes()
+
+
+def pooled_room(blocks: int) -> int:
+    """Spare pooled blocks :func:`update_pooled` allocates beyond ``blocks``: a quarter more, at least 64."""
+    return max(64, blocks // 4)
 
 
 def topk_ids(scores: torch.Tensor, topk: int, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -235,7 +267,7 @@ def _hisa_late(
     if _use_triton(ix, backend) and block >= 16:  # MMA tiles need >= 16 keys
         bn = min(128, block)  # one tile per 128-key block (faster than two of 64 on an H200)
         blocks = _kernel(  # one row per program: the pooled scan is short (faster measured on an H200)
-            ix, m, keys=pooled.contiguous(), rows=(r0, ix.q_len), kv_tokens=ix.kv_len, pos_mult=block, force_ends=True,
+            ix, m, keys=pooled, rows=(r0, ix.q_len), kv_tokens=ix.kv_len, pos_mult=block, force_ends=True,
             row_block=1,
         )
         tiles = blocks  # int32 block ids, ascending, -1 padded: one tile per block when block <= 128
@@ -275,7 +307,8 @@ def route_heads(
 
     ``k̄_b`` are the mean-pooled keys of the ``block``-key blocks the row sees completely (so prefill
     and decode route alike and no future key leaks in; every block when not causal); rows without
-    one rank heads by ``|w_j|·‖q_j‖`` (MISA's norm variant). Ids by descending score.
+    one rank heads by ``|w_j|·‖q_j‖`` (MISA's norm variant). Ids by descending score; exact ties
+    (heads whose ReLU logits are all zero) go to the lower id on both backends.
     ``backend``: ``"triton"`` the fused kernel (:func:`blocksieve.ops.misa_route.route_heads_triton`;
     near-ties may route differently), ``"torch"`` the chunked fp32 path below, ``"auto"`` the kernel
     on CUDA within its limits.
@@ -304,7 +337,7 @@ def route_heads(
         first = n_done[r0:r1] == 0  # [C] rows without a complete block: rank by |w_j|·‖q_j‖
         norm = ix.w[:, :, r0:r1].abs() * ix.q[:, :, r0:r1].float().norm(dim=-1)
         e = torch.where(first[:, None], norm, e.sum(-1))
-        out[:, :, r0:r1] = e.topk(out.shape[-1], dim=-1).indices
+        out[:, :, r0:r1] = e.sort(dim=-1, descending=True, stable=True).indices[..., : out.shape[-1]]
     return out
 
 

@@ -202,6 +202,36 @@ def test_short_splits_keep_only_their_keys():
     assert_topk_equal(ix, got, want, r0)
 
 
+def test_many_splits_merge_in_levels(monkeypatch):
+    """A decode row split over 8 programs whose lists (8 x 16 entries) exceed ``MERGE_MAX`` = 32 is merged
+    in levels, and equals the one-level merge and the PyTorch rule (small-integer inputs, exact on GPUs)."""
+    q, k, w = (torch.randint(-3, 4, shape, device=DEVICE).float() for shape in ((1, 300, 2, 16), (1, 300, 16), (1, 300, 2)))
+    ix = dsa_indexer(q, k, w)
+    r0 = 298
+    one_level = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8)
+    monkeypatch.setattr(indexer_topk_module, "MERGE_MAX", 32)
+    monkeypatch.setattr(indexer_topk_module, "_merge_splits", None)  # no PyTorch fallback
+    got = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8)
+    assert torch.equal(got, one_level)
+    assert_topk_equal(ix, got, flat_ids(ix, 12, backend="torch")[:, :, r0:], r0)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
+@pytest.mark.parametrize("bq", [1, 2])
+def test_keys_in_a_cache_with_room(whole, bq):
+    """Keys that are the first 60 rows of a 70-row cache per batch entry (a decode state's view) are
+    read by TMA at their strides: the same ids as from a contiguous copy, and the NaN rows past
+    each entry's keys are never scored."""
+    big = torch.full((2, 1, 70, 16), float("nan"), device=DEVICE)
+    big[:, :, :60] = torch.randn(2, 1, 60, 16, device=DEVICE)
+    ix = dsa_indexer(torch.randn(2, 60, 2, 16, device=DEVICE), big[:, 0, :60], torch.randn(2, 60, 2, device=DEVICE))
+    assert not ix.k.is_contiguous()
+    kw = dict(rows=(52, 60), block_n=16, row_block=bq, whole_rows=whole and bq == 1)
+    got = indexer_topk(ix.q, ix.k, ix.w, 6, tma=True, **kw)
+    assert torch.equal(got, indexer_topk(ix.q, ix.k.contiguous(), ix.w, 6, **kw))
+    assert_topk_equal(ix, got, flat_ids(ix, 6, backend="torch")[:, :, 52:], 52)
+
+
 def test_row_block_rejects_bad_values():
     ix = dsa_indexer(torch.randn(1, 20, 2, 16, device=DEVICE), torch.randn(1, 20, 16, device=DEVICE), torch.randn(1, 20, 2, device=DEVICE))
     with pytest.raises(ValueError, match="row_block=3 must be a power of two"):
@@ -222,12 +252,19 @@ def test_tma_needs_row_view():
 
 @pytest.mark.parametrize("merge_chunk", [8192, 32], ids=["whole", "chunked"])
 @pytest.mark.parametrize("ascending", [True, False], ids=["ascending", "any-order"])
-@pytest.mark.parametrize("n,kk,topk", [(24, 8, 8), (200, 40, 48), (96, 96, 100)], ids=["short", "long-padded", "keep-all"])
-def test_fused_split_merge_matches_torch(ascending, n, kk, topk, merge_chunk, monkeypatch):
-    """The one-program split merge keeps exactly the ``kk`` largest packed values (ids ascending, -1 padded),
+@pytest.mark.parametrize(
+    "n,kk,topk,merge_max", [(24, 8, 8, 16384), (200, 40, 48, 16384), (96, 96, 100, 16384), (300, 12, 16, 64), (1000, 12, 16, 64)],
+    ids=["short", "long-padded", "keep-all", "two-levels", "three-levels"],
+)
+def test_fused_split_merge_matches_torch(ascending, n, kk, topk, merge_max, merge_chunk, monkeypatch):
+    """The Triton split merge keeps exactly the ``kk`` largest packed values (ids ascending, -1 padded),
     like the PyTorch merge, with empty slots in the lists; ``ascending`` lists need no sort; the lists
-    are read whole or 32 entries at a time."""
+    are read whole or 32 entries at a time; rows longer than ``MERGE_MAX`` are merged in parts, in
+    two or three levels."""
     monkeypatch.setattr(indexer_topk_module, "MERGE_CHUNK", merge_chunk)
+    monkeypatch.setattr(indexer_topk_module, "MERGE_MAX", merge_max)
+    if n > merge_max:  # the levels must run, not the PyTorch fallback
+        monkeypatch.setattr(indexer_topk_module, "_merge_splits", None)
     g = torch.Generator().manual_seed(n + kk)
     rows = 3
     ids = torch.stack([torch.randperm(4 * n, generator=g)[:n] for _ in range(rows)])  # distinct ids per row
@@ -238,6 +275,7 @@ def test_fused_split_merge_matches_torch(ascending, n, kk, topk, merge_chunk, mo
     packed[:, 1::5] = indexer_topk_module.EMPTY_SLOT  # empty slots between real entries
     packed = packed.to(DEVICE)
     got = indexer_topk_module.merge_splits(packed, kk, topk, ascending=ascending)
+    monkeypatch.undo()
     want = indexer_topk_module._merge_splits(packed, kk, topk)
     assert got.dtype == torch.int32 and got.shape == (rows, topk)
     assert torch.equal(got.cpu(), want.cpu())

@@ -121,10 +121,12 @@ def test_no_pooled_blocks_uses_the_norm_rule():
 
 
 def test_ties_go_to_the_lowest_head():
-    """Zero pooled keys tie every head at 0 once a block is complete: heads 0, 1, 2 in order."""
+    """Zero pooled keys tie every head at 0 once a block is complete: heads 0, 1, 2 in order, on both backends."""
     ix = random_indexer(1, 1, 64, 64, 8, 32, "linear", True)
-    got = kernel_routes(ix, 3, 16, torch.zeros(1, 1, 4, 32, device=DEVICE))
+    pooled = torch.zeros(1, 1, 4, 32, device=DEVICE)
+    got = kernel_routes(ix, 3, 16, pooled)
     assert torch.equal(got[0, 0, 15:], torch.arange(3, device=DEVICE).expand(49, 3))
+    assert torch.equal(route_heads(ix, 3, 16, pooled, backend="torch")[0, 0, 15:], got[0, 0, 15:])
 
 
 @pytest.mark.parametrize("rescore", [0, 20], ids=["misa", "misa-rescore20"])

@@ -104,6 +104,22 @@ def test_pool_keys_and_incremental_update():
             assert got.dtype == torch.bfloat16 and torch.equal(got, want), (mode, n0)
     with pytest.raises(ValueError, match="pool="):
         update_pooled(mean, 16, k, 8, "min")
+    with pytest.raises(ValueError, match="pooled keys of k's first"):
+        update_pooled(mean[:, :, :1], 16, k, 8, "mean")
+
+
+def test_update_pooled_writes_in_place_while_room_lasts():
+    """A decode loop: each step re-pools only the last block into the same storage (no copy of the
+    earlier blocks) until the room runs out, then moves to a larger buffer; every step equals
+    pooling the whole cache."""
+    k = torch.randn(2, 1, 8 * 70, 4)
+    pooled, n0, storages = None, 0, set()
+    for n in list(range(1, 20)) + [8 * 64, 8 * 64 + 1, 8 * 65 + 3, 8 * 70]:
+        pooled = update_pooled(pooled, n0, k[:, :, :n], 8, "mean")
+        n0 = n
+        storages.add(pooled.untyped_storage().data_ptr())
+        assert torch.allclose(pooled, pool_keys(k[:, :, :n], 8, "mean")), n
+    assert len(storages) == 2  # 64 blocks of room at the first step, then a quarter more (>= 64)
 
 
 def brute_route(ix, b, s, t, block, h):
