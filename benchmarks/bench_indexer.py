@@ -41,6 +41,7 @@ import torch
 
 from benchmarks.common import environment, median_time
 from blocksieve.ops import attend
+from blocksieve.select import token_topk
 from blocksieve.select.indexer import candidate_scores, dsa_indexer
 from blocksieve.select.token_topk import (
     _hisa_late, expand_heads, flat_topk, hisa_topk, misa_topk, pool_keys, route_heads, update_pooled,
@@ -241,6 +242,7 @@ def warmup(args) -> dict:
     t0 = time.time()
     groups = [f"prefill_{m}" for m in METHODS] + [f"decode_{m}" for m in METHODS] + ["attend"]
     base = [sys.executable, "-m", "benchmarks.bench_indexer", "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
+    base += ["--split-min-keys", str(args.split_min_keys)] if args.split_min_keys else []
     procs = {v: subprocess.Popen(base + ["--warm", v], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in groups}
     failed = {}
     for v, p in procs.items():
@@ -259,12 +261,15 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="toy sizes (CPU: set TRITON_INTERPRET=1)")
     ap.add_argument("--no-warmup", action="store_true", help="compile in the main process instead")
     ap.add_argument("--decode-only", action="store_true", help="time only the decode steps (with their GPU kernel timelines)")
+    ap.add_argument("--split-min-keys", type=int, default=None, help="token_topk.SPLIT_MIN_KEYS for this run (decode launch shapes)")
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     c = dict(SIZES["smoke" if args.smoke else "full"])
     c["lengths"] = args.lengths or c["lengths"]
     c["repeats"] = args.repeats or c["repeats"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.split_min_keys:
+        token_topk.SPLIT_MIN_KEYS = c["split_min_keys"] = args.split_min_keys
     if args.warm:
         warm(c, args.warm, device)
         return

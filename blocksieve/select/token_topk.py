@@ -130,8 +130,8 @@ def _kernel(
 ) -> torch.Tensor:
     """The fused Triton scan of ``ix`` (or of ``ix``'s queries against ``keys``), launch shape chosen here.
 
-    Few rows (decode): each row's keys are split over programs to fill the GPU, at least 512 keys
-    each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
+    Few rows (decode): each row's keys are split over programs to fill the GPU, at least
+    :data:`SPLIT_MIN_KEYS` each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
     :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles, two
     pipeline stages deep; but rows of at most ``WHOLE_ROW_MAX`` keys where the default is 1 or 2
     rows (DSA's 64 heads: HISA's rows before its gate) take one row per program, which the
@@ -148,7 +148,7 @@ def _kernel(
     width = tiles.shape[-1] * block_n if tiles is not None else k.shape[2]
     splits, bq = 1, 1
     if nrows < sms:
-        splits = max(1, min(64, -(-2 * sms // nrows), width // 512))
+        splits = max(1, min(64, -(-2 * sms // nrows), width // SPLIT_MIN_KEYS))
     elif tiles is None:
         bq = default_row_block(ix.num_heads) if row_block is None else row_block
         if row_block is None and bq <= 2 and k.shape[2] <= WHOLE_ROW_MAX:
@@ -160,6 +160,11 @@ def _kernel(
         ix.q, k, ix.w, topk, relu=ix.act == "relu", causal=ix.causal, rows=(t0, t1), tiles=tiles, block_n=block_n,
         splits=splits, row_block=bq, **kw,
     )
+
+
+SPLIT_MIN_KEYS = 512
+"""Fewest keys per program when a decode row is split (``_kernel``); a row of fewer than twice as
+many is scanned whole by one program."""
 
 
 def default_row_block(heads: int) -> int:
