@@ -550,14 +550,18 @@ def _buffer_shape(topk: int, block_n: int) -> tuple:
     and the most entries a compaction inside the scan keeps.
 
     A chunk holds up to ``min(1024, topk)`` keys (rounded up to a tile); the list has room for
-    ``topk`` kept entries plus a whole chunk, so the check (and a compaction to the best ``topk``
-    to ``keep``) happens once per chunk, outside the tile loop. ``keep`` adds a quarter of the slack
-    above ``topk + chunk``: simulated on Gaussian scores (:mod:`benchmarks.indexer_compaction_sim`,
-    top-2048), a 128K-key row needs 35 bisection passes instead of 107 for 9.7 compactions instead
-    of 8.3 (32K: 22 instead of 65).
+    twice ``topk`` kept entries plus a whole chunk (rounded up to a power of two), so the check (and
+    a compaction to the best ``topk`` to ``keep``) happens once per chunk, outside the tile loop,
+    and a compaction is needed only every few chunks. ``keep`` adds a quarter of the slack above
+    ``topk + chunk``: simulated on Gaussian scores (:mod:`benchmarks.indexer_compaction_sim`,
+    top-2048, the single-size list), a 128K-key row needs 35 bisection passes instead of 107 for
+    9.7 compactions instead of 8.3 (32K: 22 instead of 65). The doubled list (8,192 slots for
+    top-2048) against the single one, H100, 32K / 128K
+    (``benchmarks/results/indexer_ab_cap2_h100.json``): MISA 11.1 → 9.9 / 112.5 → 105.0 ms, DSA
+    24.6 → 23.6 / 339.0 → 333.9 ms, for 33 / 132 MiB more scratch at 128K.
     """
     chunk = max(1, min(1024, next_pow2(topk)) // block_n)
-    cap = max(next_pow2(topk + chunk * block_n), 4 * block_n)
+    cap = 2 * max(next_pow2(topk + chunk * block_n), 4 * block_n)
     return chunk, cap, topk + (cap - chunk * block_n - topk) // 4
 
 

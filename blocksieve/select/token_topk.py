@@ -38,23 +38,28 @@ def _use_triton(ix: Indexer, backend: str) -> bool:
 
 
 def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
-    """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d]`` blocks (``"mean"`` or ``"max"``).
+    """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d]`` blocks (``"mean"`` or ``"max"``), in ``k``'s dtype.
 
-    The last, partial block pools only the keys it has. Keys of one block (a decode step's
-    re-pooled last block) take one reduction kernel.
+    The last, partial block pools only the keys it has.
     """
+    return _pool(k, block, mode).to(k.dtype)
+
+
+def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
+    """:func:`pool_keys` before the cast: means in fp32. Keys of one block (a decode step's
+    re-pooled last block) take one reduction kernel."""
     if mode not in ("mean", "max"):
         raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
     b, s, n, d = k.shape
     if 0 < n <= block:
-        return k.mean(2, keepdim=True, dtype=torch.float32).to(k.dtype) if mode == "mean" else k.amax(2, keepdim=True)
+        return k.mean(2, keepdim=True, dtype=torch.float32) if mode == "mean" else k.amax(2, keepdim=True)
     nb = math.ceil(n / block)
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block - n)).reshape(b, s, nb, block, d)
     if mode == "mean":
         sizes = torch.clamp(n - torch.arange(nb, device=k.device) * block, max=block).float()
-        return (kf.sum(3) / sizes[:, None]).to(k.dtype)
+        return kf.sum(3) / sizes[:, None]
     pad = torch.arange(nb * block, device=k.device).reshape(nb, block) >= n
-    return kf.masked_fill(pad[..., None], float("-inf")).amax(3).to(k.dtype)
+    return kf.masked_fill(pad[..., None], float("-inf")).amax(3)
 
 
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
@@ -83,7 +88,7 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
         if first:
             out[:, :, :first] = pooled[:, :, :first]
     if first < nb:
-        out[:, :, first:] = pool_keys(k[:, :, first * block :], block, mode)
+        out[:, :, first:] = _pool(k[:, :, first * block :], block, mode)  # the copy casts: no extra kernel
     return out
 
 
@@ -130,8 +135,9 @@ def _kernel(
 ) -> torch.Tensor:
     """The fused Triton scan of ``ix`` (or of ``ix``'s queries against ``keys``), launch shape chosen here.
 
-    Few rows (decode): each row's keys are split over programs to fill the GPU, at least
-    :data:`SPLIT_MIN_KEYS` each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
+    Few rows (decode): a row of more than :data:`SPLIT_FROM_KEYS` keys is split over programs to
+    fill the GPU, at least :data:`SPLIT_MIN_KEYS` each; shorter rows (HISA's pooled blocks up to
+    128K tokens) are scanned whole by one program each. Many rows (prefill): ``row_block`` rows per program share each key tile (default
     :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles, two
     pipeline stages deep; but rows of at most ``WHOLE_ROW_MAX`` keys where the default is 1 or 2
     rows (DSA's 64 heads: HISA's rows before its gate) take one row per program, which the
@@ -148,7 +154,7 @@ def _kernel(
     width = tiles.shape[-1] * block_n if tiles is not None else k.shape[2]
     splits, bq = 1, 1
     if nrows < sms:
-        splits = max(1, min(64, -(-2 * sms // nrows), width // SPLIT_MIN_KEYS))
+        splits = max(1, min(64, -(-2 * sms // nrows), width // SPLIT_MIN_KEYS)) if width > SPLIT_FROM_KEYS else 1
     elif tiles is None:
         bq = default_row_block(ix.num_heads) if row_block is None else row_block
         if row_block is None and bq <= 2 and k.shape[2] <= WHOLE_ROW_MAX:
@@ -163,8 +169,12 @@ def _kernel(
 
 
 SPLIT_MIN_KEYS = 512
-"""Fewest keys per program when a decode row is split (``_kernel``); a row of fewer than twice as
-many is scanned whole by one program."""
+"""Fewest keys per program when a decode row is split (``_kernel``)."""
+SPLIT_FROM_KEYS = 1024
+"""Decode rows of at most this many keys are not split. Measured on an H100, B = 8 from a CUDA graph
+(``benchmarks/results/indexer_decode_splits_h100.json``): HISA's 1,024 pooled blocks at 128K take
+13.7 µs in one program per row against 18.7 + 4.4 µs in two plus their merge, while its 8,192
+candidates are fastest over 16 programs of 512 (7.6 + 14.5 µs; 8 programs: 11.3 + 14.8 µs)."""
 
 
 def default_row_block(heads: int) -> int:
