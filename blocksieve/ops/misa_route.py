@@ -11,7 +11,9 @@ largest score. Rows with ``n(t) = 0`` rank heads by ``|w[t, j]|·‖q[t, j]‖``
 path builds a ``[rows, H_I, NB]`` fp32 tensor per chunk and makes about six passes over it; here
 nothing but the ids leaves the chip.
 
-One kernel, ``_misa_route_kernel``: one program per (tile of ``BT`` consecutive query rows, b·s),
+Two kernels. Few rows (decode: at most ``ROW_PROGRAMS_MAX`` per SM) take
+``_misa_route_row_kernel``: one program per row, whose heads are the M dimension of one dot per
+chunk of pooled blocks. Otherwise ``_misa_route_kernel``: one program per (tile of ``BT`` consecutive query rows, b·s),
 a flat grid with the row tiles of one index set adjacent (they share its pooled keys in L2). For
 each head ``j``: the rows' ``q[:, j] [BT, d]`` is loaded once, the pooled blocks are read in chunks
 of ``BNB`` up to the last block any row of the tile has completed, one ``tl.dot`` gives the
@@ -51,6 +53,11 @@ BNB_FEW = 128
 """Pooled key blocks per dot when the grid has fewer programs than the GPU has SMs (decode), one
 stage: each program's serial loop is then the latency (fastest of 32/64/128 × 1/2 stages on an
 H200 for 1 to 64 decode rows at 128K keys)."""
+ROW_PROGRAMS_MAX = 1.0
+"""Rows are routed one per program, all heads in one dot (:func:`_misa_route_row_kernel`), when
+there are at most this many rows per SM (decode); else in tiles of ``ROWS``, a serial loop over
+the heads, which at 8 decode rows took ~100 µs (H100, 64 heads, 32K and 128K keys:
+``benchmarks/results/indexer_decode_splits_h100.json``)."""
 MAX_HEADS = 128
 """Most indexer heads: the ``[BT, HP]`` score tile lives in registers."""
 MAX_DIM = 256
@@ -127,6 +134,68 @@ def _misa_route_kernel(
         b_e = tl.where(o_h[None, :] == pick[:, None], float("-inf"), b_e)
     p_o = p_out + i_b * s_ob + i_s * s_os + o_t[:, None] * s_ot + o_k[None, :] * s_ok  # [BT, KP]
     tl.store(p_o, b_top.to(tl.int64), mask=m_t[:, None] & (o_k[None, :] < TOPH))
+
+
+# fmt: off
+@triton.jit
+def _misa_route_row_kernel(
+    p_q, p_w, p_kp, p_out,
+    s_qb, s_qs, s_qt, s_qh, s_qd, s_wb, s_ws, s_wt, s_wh, s_kb, s_ks, s_kn, s_kd, s_ob, s_os, s_ot, s_ok,
+    S, LQ, POS0, NB,
+    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, TOPH: tl.constexpr, KP: tl.constexpr,
+    BLOCK: tl.constexpr, BNB: tl.constexpr, RELU: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr,
+):
+    # fmt: on
+    """One query row per program: its ``HP`` heads are the M dimension of one dot per chunk of
+    ``BNB`` pooled blocks (no loop over heads), then the same scores, norm rule, tie and NaN
+    handling as :func:`_misa_route_kernel`."""
+    i_w = tl.program_id(0).to(tl.int64)
+    i_t = i_w % LQ
+    i_bs = i_w // LQ
+    i_b, i_s = i_bs // S, i_bs % S
+    if CAUSAL:
+        n_done = tl.minimum((POS0 + i_t + 1) // BLOCK, NB)  # complete blocks of the row
+    else:
+        n_done = tl.zeros([], dtype=tl.int64) + NB
+    o_h = tl.arange(0, HP)  # [HP]
+    m_h = o_h < H
+    o_d = tl.arange(0, DP)  # [DP]
+    m_d = o_d < D
+    o_n = tl.arange(0, BNB)  # [BNB]
+    p_qr = p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt
+    b_q = tl.load(p_qr + o_h[:, None].to(tl.int64) * s_qh + o_d[None, :].to(tl.int64) * s_qd, mask=m_h[:, None] & m_d[None, :], other=0.0)  # [HP, DP]
+    b_qf = b_q.to(tl.float32)
+    b_norm = tl.sqrt(tl.sum(b_qf * b_qf, 1))  # [HP] rule of a row without a complete block
+    if not FAST:
+        b_q = b_qf  # exact fp32 dot operands
+    p_kr = p_kp + i_b * s_kb + i_s * s_ks + o_d[None, :].to(tl.int64) * s_kd  # [1, DP]
+    b_acc = tl.zeros([HP], dtype=tl.float32)
+    for n0 in range(0, n_done, BNB):
+        o_blk = n0 + o_n  # [BNB]
+        m_blk = o_blk < n_done
+        b_k = tl.load(p_kr + o_blk[:, None].to(tl.int64) * s_kn, mask=m_blk[:, None] & m_d[None, :], other=0.0)  # [BNB, DP]
+        if FAST:
+            b_l = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)))  # [HP, BNB]
+        else:
+            b_l = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")  # [HP, BNB]
+        if RELU:
+            b_l = tl.maximum(b_l, 0.0)
+        else:
+            b_l = tl.abs(b_l)
+        b_acc += tl.sum(tl.where(m_blk[None, :], b_l, 0.0), 1)
+    p_wr = p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt
+    b_w = tl.abs(tl.load(p_wr + o_h.to(tl.int64) * s_wh, mask=m_h, other=0.0).to(tl.float32))  # [HP]
+    b_e = tl.where(m_h, b_w * tl.where(n_done > 0, b_acc, b_norm), float("-inf"))  # padded heads stay -inf
+    b_e = tl.where(b_e >= float("-inf"), b_e, float("inf"))  # NaN ranks first, as in torch.topk
+    o_k = tl.arange(0, KP)  # [KP]
+    b_top = tl.zeros([KP], dtype=tl.int32)
+    for r in tl.static_range(TOPH):
+        mx = tl.max(b_e, 0)
+        pick = tl.min(tl.where(b_e == mx, o_h, HP), 0)  # lowest head of the max
+        b_top = tl.where(o_k == r, pick, b_top)
+        b_e = tl.where(o_h == pick, float("-inf"), b_e)
+    p_o = p_out + i_b * s_ob + i_s * s_os + i_t * s_ot + o_k * s_ok  # [KP]
+    tl.store(p_o, b_top.to(tl.int64), mask=o_k < TOPH)
 
 
 def _check(q: torch.Tensor, w: torch.Tensor, pooled: torch.Tensor, h: int, block: int, kv_len: int, act: str, causal: bool) -> None:
@@ -213,6 +282,19 @@ def route_heads_triton(
     if fast and q.dtype != torch.float32 and pooled.dtype != q.dtype:
         pooled = pooled.to(q.dtype)  # the MMA's operand dtype: one small cast instead of one per program
     dp = max(16, next_pow2(d))
+    rows = b * s * lq
+    if rows <= ROW_PROGRAMS_MAX * sm_count(q):
+        hp = max(16, next_pow2(nh))  # the dot's M
+        # fmt: off
+        _misa_route_row_kernel[(rows,)](
+            q, w, pooled, out, *q.stride(), *w.stride(), *pooled.stride(), *out.stride(),
+            s, lq, kv_len - lq, pooled.shape[2],
+            H=nh, HP=hp, D=d, DP=dp, TOPH=kh, KP=max(2, next_pow2(kh)), BLOCK=block,
+            BNB=block_nb if block_nb is not None else max(16, min(BNB_FEW, 16384 // dp)), RELU=act == "relu", CAUSAL=causal,
+            FAST=fast, num_warps=4 if hp * dp <= 8192 else 8, num_stages=1,
+        )
+        # fmt: on
+        return out
     bt = max(16, min(ROWS, next_pow2(lq)))
     nt = math.ceil(lq / bt)
     few = nt * b * s < sm_count(q)

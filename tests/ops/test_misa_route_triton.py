@@ -11,6 +11,7 @@ ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TR
 
 import pytest
 
+from blocksieve.ops import misa_route
 from blocksieve.ops.misa_route import route_heads_triton
 from blocksieve.select.indexer import Indexer, gqa_indexer
 from blocksieve.select.token_topk import misa_topk, pool_keys, route_heads
@@ -88,18 +89,25 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["tiles", "rows"])
+def kernel(request, monkeypatch):
+    """Force the row-tile kernel or the one-row-per-program kernel (``ROW_PROGRAMS_MAX``) for every launch."""
+    monkeypatch.setattr(misa_route, "ROW_PROGRAMS_MAX", 0 if request.param == "tiles" else 1e9)
+    return request.param
+
+
 @pytest.mark.parametrize("b,s,lq,lkv,nh,d,block,h,act,causal,dtype", CASES)
-def test_kernel_matches_torch_path(b, s, lq, lkv, nh, d, block, h, act, causal, dtype):
+def test_kernel_matches_torch_path(b, s, lq, lkv, nh, d, block, h, act, causal, dtype, kernel):
     check_against_torch(random_indexer(b, s, lq, lkv, nh, d, act, causal, dtype), h, block)
 
 
 @pytest.mark.parametrize("block_nb", [None, 16, 32], ids=["default", "bnb16", "bnb32"])
-def test_many_pooled_chunks(block_nb):
+def test_many_pooled_chunks(block_nb, kernel):
     """150 pooled blocks of 4 keys: several dots per head (2 of the default 128 blocks here, 10 of 16), the last partial."""
     check_against_torch(random_indexer(1, 1, 200, 600, 8, 32, "linear", True), 3, 4, block_nb=block_nb)
 
 
-def test_strided_views():
+def test_strided_views(kernel):
     """q ``[B, S, Lq, H_I, d]`` seen through a permute (no unit stride), w transposed, pooled every other column."""
     b, s, lq, lkv, nh, d = 1, 2, 150, 200, 12, 32
     q = torch.randn(b, lq, s, d, nh, device=DEVICE).permute(0, 2, 1, 4, 3)
@@ -110,7 +118,7 @@ def test_strided_views():
     check_against_torch(ix, 3, 32, pooled)
 
 
-def test_no_pooled_blocks_uses_the_norm_rule():
+def test_no_pooled_blocks_uses_the_norm_rule(kernel):
     """``NB = 0``: every row ranks heads by ``|w_j|·‖q_j‖``, causal or not."""
     for causal in (True, False):
         ix = random_indexer(2, 1, 50, 50, 12, 32, "relu", causal)
@@ -120,7 +128,7 @@ def test_no_pooled_blocks_uses_the_norm_rule():
         assert torch.equal(route_heads(ix, 3, 32, pooled, backend="torch"), want)
 
 
-def test_ties_go_to_the_lowest_head():
+def test_ties_go_to_the_lowest_head(kernel):
     """Zero pooled keys tie every head at 0 once a block is complete: heads 0, 1, 2 in order, on both backends."""
     ix = random_indexer(1, 1, 64, 64, 8, 32, "linear", True)
     pooled = torch.zeros(1, 1, 4, 32, device=DEVICE)
