@@ -70,6 +70,21 @@ def supports(heads: int, dim: int) -> bool:
     return 1 <= heads <= MAX_HEADS and 1 <= dim <= MAX_DIM
 
 
+@triton.jit
+def _abs_act_logits(b_q, b_k, RELU: tl.constexpr, FAST: tl.constexpr):
+    """``|act(q · kᵀ)|`` of ``b_q [M, DP]`` and pooled keys ``b_k [BNB, DP]``: ``[M, BNB]`` fp32 (ReLU
+    is already non-negative). ``FAST``: an MMA in ``b_q``'s dtype, else exact fp32 operands."""
+    if FAST:
+        b_l = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)))
+    else:
+        b_l = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+    if RELU:
+        b_l = tl.maximum(b_l, 0.0)
+    else:
+        b_l = tl.abs(b_l)
+    return b_l
+
+
 # fmt: off
 @triton.jit
 def _misa_route_kernel(
@@ -110,14 +125,7 @@ def _misa_route_kernel(
         for n0 in range(0, n_hi, BNB):
             o_blk = n0 + o_n  # [BNB]
             b_k = tl.load(p_kr + o_blk[:, None].to(tl.int64) * s_kn, mask=(o_blk[:, None] < n_hi) & m_d[None, :], other=0.0)  # [BNB, DP]
-            if FAST:
-                b_l = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)))  # [BT, BNB]
-            else:
-                b_l = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")  # [BT, BNB]
-            if RELU:
-                b_l = tl.maximum(b_l, 0.0)
-            else:
-                b_l = tl.abs(b_l)
+            b_l = _abs_act_logits(b_q, b_k, RELU, FAST)  # [BT, BNB]
             b_acc += tl.sum(tl.where(o_blk[None, :] < n_done[:, None], b_l, 0.0), 1)
         b_wj = tl.abs(tl.load(p_wr, mask=m_t, other=0.0).to(tl.float32))  # [BT]
         b_ej = b_wj * tl.where(n_done > 0, b_acc, b_norm)
@@ -174,14 +182,7 @@ def _misa_route_row_kernel(
         o_blk = n0 + o_n  # [BNB]
         m_blk = o_blk < n_done
         b_k = tl.load(p_kr + o_blk[:, None].to(tl.int64) * s_kn, mask=m_blk[:, None] & m_d[None, :], other=0.0)  # [BNB, DP]
-        if FAST:
-            b_l = tl.dot(b_q, tl.trans(b_k.to(b_q.dtype)))  # [HP, BNB]
-        else:
-            b_l = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")  # [HP, BNB]
-        if RELU:
-            b_l = tl.maximum(b_l, 0.0)
-        else:
-            b_l = tl.abs(b_l)
+        b_l = _abs_act_logits(b_q, b_k, RELU, FAST)  # [HP, BNB]
         b_acc += tl.sum(tl.where(m_blk[None, :], b_l, 0.0), 1)
     p_wr = p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt
     b_w = tl.abs(tl.load(p_wr + o_h.to(tl.int64) * s_wh, mask=m_h, other=0.0).to(tl.float32))  # [HP]
