@@ -2,8 +2,9 @@
 
 For the last ``--rows`` positions of each captured layer (each a decode step against its prefix):
 
-* recall of Quest (min/max page bound) and of the exact page top-k (true page mass) at the same
-  token budget, for several page sizes (``page=1`` makes the bound exact);
+* recall of Quest (min/max page bound), of Quest with the first (sink) page forced as well
+  (``quest_sink``, same budget) and of the exact page top-k (true page mass) at the same token
+  budget, for several page sizes (``page=1`` makes the bound exact);
 * the bound's slack ``bound - max_{j in page} q·k_j`` split by RoPE channel pair (rotate-half
   layout: channels ``i`` and ``i + D/2`` share frequency ``θ^(-2i/D)``), in fast / middle / slow
   thirds of the frequencies — how much of the looseness the fast-rotating channels cause;
@@ -60,11 +61,11 @@ def step_stats(q_t, k, t, page, budget):
     own = t // page
     n = min(budget // page, npg - 1)
 
-    def top(score):
+    def top(score, forced=(own,)):
         sc = score.clone()
-        sc[:, own] = float("-inf")
-        keep = torch.zeros_like(pm, dtype=torch.bool).scatter_(-1, sc.topk(n, -1).indices, True)
-        keep[:, own] = True
+        sc[:, list(forced)] = float("-inf")
+        keep = torch.zeros_like(pm, dtype=torch.bool).scatter_(-1, sc.topk(n + 1 - len(forced), -1).indices, True)
+        keep[:, list(forced)] = True
         return float((pm * keep).sum(-1).mean())
 
     smax = torch.nn.functional.pad(s, (0, pad), value=float("-inf")).reshape(hq, npg, page).amax(-1)
@@ -79,7 +80,7 @@ def step_stats(q_t, k, t, page, budget):
     thirds = [pair[..., a:b].sum(-1).mean() for a, b in ((0, half // 3), (half // 3, 2 * half // 3), (2 * half // 3, half))]
     vis = slice(0, npg)
     return dict(
-        quest=top(bound), exact=top(pm.log()), slack=float((bound - smax)[:, vis].mean()),
+        quest=top(bound), quest_sink=top(bound, {own, 0}), exact=top(pm.log()), slack=float((bound - smax)[:, vis].mean()),
         slack_fast=float(thirds[0]), slack_mid=float(thirds[1]), slack_slow=float(thirds[2]),
         spearman=float(spearman(bound, pm).mean()),
     )
@@ -95,6 +96,7 @@ def main():
     ap.add_argument("--pages", default="1,4,8,16,32")
     ap.add_argument("--budgets", default="0.1,2048", help="token budgets: fractions of the length or token counts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/quest_bound_<model>_<text>_<length>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
@@ -113,7 +115,7 @@ def main():
                       + " ".join(f"{a}={b:.3f}" for a, b in row.items()), flush=True)
     out = dict(model=args.model, text=args.text, length=args.length, layers=layers, rows=args.rows,
                command="python " + " ".join(sys.argv), results=res)
-    path = ROOT / "benchmarks/results" / f"quest_bound_{args.model}_{args.text}_{args.length}.json"
+    path = args.out or ROOT / "benchmarks/results" / f"quest_bound_{args.model}_{args.text}_{args.length}.json"
     path.write_text(json.dumps(out, indent=1))
     print("wrote", path)
 
