@@ -14,8 +14,9 @@ Stages, each written to the JSON as soon as it is done (a later failure keeps th
 3. ``prefill`` at each length, B = 1, all queries; the chunked PyTorch scan only up to 32K.
 4. ``decode``: B = 8, one new query against ``L`` cached keys, the step a decoding model runs: the
    pooled keys of the previous step (kept, as a decoding model keeps them, with room for more
-   blocks) are updated in place for the new token only (``update_pooled``), then the top-k. Peak extra memory is the CUDA allocator's peak during one call minus what was
-   allocated before it (the returned layout included: ``B·Lq·topk·4`` bytes). ``graph_ms``: the same
+   blocks) are updated in place for the new token only (``update_pooled``), then the top-k. Peak
+   extra memory is the CUDA allocator's peak during one call minus what was allocated before it
+   (the returned layout included: ``B·Lq·topk·4`` bytes). ``graph_ms``: the same
    step replayed from a CUDA graph, without the host's launch cost (eager decode is host-bound).
 5. ``end_to_end`` at the largest length: indexer + ``blocksieve.attend`` (Triton token-sparse kernel,
    Hq = 32, Hkv = 8, D = 128, the index set shared by all heads) vs cuDNN dense causal SDPA.
