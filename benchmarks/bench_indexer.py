@@ -244,6 +244,7 @@ def warmup(args) -> dict:
     groups = [f"prefill_{m}" for m in METHODS] + [f"decode_{m}" for m in METHODS] + ["attend"]
     base = [sys.executable, "-m", "benchmarks.bench_indexer", "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
     base += ["--split-min-keys", str(args.split_min_keys)] if args.split_min_keys else []
+    base += ["--whole-split-min-keys", str(args.whole_split_min_keys)] if args.whole_split_min_keys else []
     procs = {v: subprocess.Popen(base + ["--warm", v], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in groups}
     failed = {}
     for v, p in procs.items():
@@ -263,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--no-warmup", action="store_true", help="compile in the main process instead")
     ap.add_argument("--decode-only", action="store_true", help="time only the decode steps (with their GPU kernel timelines)")
     ap.add_argument("--split-min-keys", type=int, default=None, help="token_topk.SPLIT_MIN_KEYS for this run (decode launch shapes)")
+    ap.add_argument("--whole-split-min-keys", type=int, default=None, help="token_topk.WHOLE_SPLIT_MIN_KEYS for this run (HISA's decode)")
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     c = dict(SIZES["smoke" if args.smoke else "full"])
@@ -271,6 +273,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.split_min_keys:
         token_topk.SPLIT_MIN_KEYS = c["split_min_keys"] = args.split_min_keys
+    if args.whole_split_min_keys:
+        token_topk.WHOLE_SPLIT_MIN_KEYS = c["whole_split_min_keys"] = args.whole_split_min_keys
     if args.warm:
         warm(c, args.warm, device)
         return

@@ -88,6 +88,22 @@ def compile_whole_row_kernel(tiles: bool, width: int, topk: int = 2048, block_n:
     return _compile(whole_row_topk._whole_row_topk_kernel, sig, consts, num_warps=4)
 
 
+def compile_split_kernels(tiles: bool, width: int, topk: int = 2048, block_n: int = 128, heads: int = 64, d: int = 128) -> tuple:
+    """Decode's split whole rows for sm_90: the scoring kernel (TMA tiles) and the selection kernel."""
+    sig = {"p_q": "*bf16", "p_k": "*bf16", "desc_k": f"tensordesc<bf16[{block_n}, {d}]>", "p_w": "*fp32", "p_tiles": "*i32", "p_scr": "*i32"}
+    sig.update({n: "i64" for n in ("s_qb", "s_qs", "s_qt", "s_qh", "s_kb", "s_ks", "s_kl", "s_wb", "s_ws", "s_wt")})
+    sig.update({n: "i32" for n in ("S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "PER_SPLIT")})
+    consts = dict(
+        NP=width, HP=max(16, next_pow2(heads)), D=d, BLOCK_N=block_n, RELU=True, CAUSAL=True, POS_MULT=1 if tiles else 128,
+        FORCE_ENDS=not tiles, HAS_TILES=tiles, TMA=True,
+    )
+    score = _compile(whole_row_topk._split_score_kernel, sig, consts, num_warps=4)
+    sig = {"p_tiles": "*i32", "p_scr": "*i32", "p_out": "*i32", **{n: "i64" for n in ("s_ob", "s_os", "s_ot")}}
+    sig.update({n: "i32" for n in ("S", "NT_ROWS", "NUM_TILES", "N_SLOTS")})
+    consts = dict(TOPK=topk, KP=next_pow2(topk), NP=width, SUB=min(whole_row_topk.SELECT_CHUNK, width), BLOCK_N=block_n, HAS_TILES=tiles, SORT=False)
+    return score, _compile(whole_row_topk._split_select_kernel, sig, consts, num_warps=whole_row_topk.SELECT_WARPS)
+
+
 def compile_merge_kernel(n: int, kk: int, topk: int, sort: bool):
     """The one-program-per-row split merge (``merge_splits``) for sm_90."""
     consts = dict(
@@ -107,6 +123,9 @@ VARIANTS = {
     "row, decode split (packed)": lambda: compile_row_kernel(True, True, True, True, topk=512),
     "whole row, HISA's 64 candidate tiles": lambda: compile_whole_row_kernel(True, 8192),
     "whole row, pooled scan at 128K (1,024 blocks, top-64)": lambda: compile_whole_row_kernel(False, 1024, topk=64),
+    "split whole rows, HISA's candidates: scoring": lambda: compile_split_kernels(True, 8192)[0],
+    "split whole rows, HISA's candidates: selection": lambda: compile_split_kernels(True, 8192)[1],
+    "split whole rows, pooled scan at 128K: selection": lambda: compile_split_kernels(False, 1024, topk=64)[1],
     "merge, 16 x 512 ascending": lambda: compile_merge_kernel(8192, 2048, 2048, False),
     "merge, 2 x 64, sorted": lambda: compile_merge_kernel(128, 64, 64, True),
 }

@@ -25,9 +25,10 @@ first and last visible block forced (``FORCE_ENDS``). ``splits > 1`` divides a r
 several programs (decode: few rows) and merges their packed top-k lists (:func:`merge_splits`: one
 Triton program per row, in levels for long rows).
 
-Rows of at most ``WHOLE_ROW_MAX`` keys scanned one per program (HISA's candidate and pooled-block
-scans) go by default to :mod:`blocksieve.ops.whole_row_topk`: every score first, then one exact
-selection in registers, no list.
+Rows of at most ``WHOLE_ROW_MAX`` keys scanned one per program, or split over programs (HISA's
+candidate and pooled-block scans, prefill and decode), go by default to
+:mod:`blocksieve.ops.whole_row_topk`: every score first, then one exact selection in registers, no
+list and no merge.
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ def indexer_topk(
             leave the scan in order and the final sort is skipped (a flat scan never sorts). Ids
             come out unsorted if this is claimed falsely.
         force_ends: score the first and the last visible key +inf (HISA's forced blocks).
-        splits: programs per row (decode has few rows); their lists are merged by :func:`merge_splits`.
+        splits: programs per row (decode has few rows). Whole rows keep every split's scores and
+            select once; streaming lists are merged by :func:`merge_splits`.
         row_block: consecutive rows per program in a flat scan (no ``tiles``, ``splits = 1``): each
             key tile is loaded once for all of them and their ``row_block · H_I`` logits are one MMA.
             Worth it when ``H_I`` is small (MISA's routed heads); 1 = one row at a time.
@@ -354,10 +356,10 @@ def indexer_topk(
         num_stages: software-pipelining depth of the tile loop (None: Triton's default).
         whole_rows: score each row whole, then select its top-k once
             (:mod:`blocksieve.ops.whole_row_topk`; rows of at most ``WHOLE_ROW_MAX`` keys, one row
-            per program, ``splits = 1``) instead of keeping the streaming list. None: whenever it applies.
+            per program unless split) instead of keeping the streaming list. None: whenever it applies.
         out: int32 ``[B, S, t1 - t0, topk]`` to write into instead of a new tensor, last dim
             contiguous (e.g. a slice of a larger layout, so that parts need no concatenation);
-            ``splits = 1`` only.
+            not for split streaming lists.
 
     Returns:
         int32 ``[B, S, t1 - t0, topk]`` ascending key ids, -1 padded when fewer keys are visible
@@ -386,22 +388,23 @@ def indexer_topk(
         raise ValueError(f"row_block={row_block} must be a power of two >= 1")
     if row_block > 1 and (tiles is not None or splits > 1):
         raise ValueError("row_block > 1 is for flat scans: pass tiles=None and splits=1")
+    width = num_tiles * block_n if tiles is not None else lkv
+    whole_ok = row_block == 1 and width <= WHOLE_ROW_MAX
+    if whole_rows and not whole_ok:
+        raise ValueError(f"whole_rows=True needs row_block=1 and rows of at most {WHOLE_ROW_MAX} keys (got {width})")
+    whole = whole_ok and whole_rows is not False
     if out is not None:
-        if splits > 1:
-            raise ValueError("out= is for splits=1 (split rows are merged into a new tensor)")
+        if splits > 1 and not whole:
+            raise ValueError("out= with splits > 1 needs whole rows (split streaming lists are merged into a new tensor)")
         if out.dtype != torch.int32 or tuple(out.shape) != (b, s, nrows, topk) or out.stride(-1) != 1:
             raise ValueError(f"out must be int32 [B, S, rows, topk] = {(b, s, nrows, topk)} with a contiguous last dim, "
                              f"got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     desc_k = _key_descriptor(k, block_n, tma)
-    width = num_tiles * block_n if tiles is not None else lkv
-    whole_ok = splits == 1 and row_block == 1 and width <= WHOLE_ROW_MAX
-    if whole_rows and not whole_ok:
-        raise ValueError(f"whole_rows=True needs splits=1, row_block=1 and rows of at most {WHOLE_ROW_MAX} keys (got {width})")
-    if whole_ok and whole_rows is not False:
+    if whole:
         out = torch.empty(b, s, nrows, topk, dtype=torch.int32, device=q.device) if out is None else out
         return whole_row_topk(
             q, k, w, desc_k, out, topk, relu=relu, causal=causal, t0=t0, kv_tokens=kv_tokens, tiles=tiles, tiles_ascending=tiles_ascending,
-            pos_mult=pos_mult, force_ends=force_ends, block_n=block_n, num_warps=num_warps, stages=_stages(num_stages),
+            pos_mult=pos_mult, force_ends=force_ends, block_n=block_n, num_warps=num_warps, stages=_stages(num_stages), splits=splits,
         )
     if row_block > 1:
         args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, row_block, num_warps, num_stages)

@@ -11,6 +11,11 @@ into registers and the exact top-``topk`` threshold is found by bisection on the
 threshold keep the later slots (the larger key ids when slots ascend: the order of ``indexer_topk``'s
 packed values, so both kernels choose the same keys). The kept ids are written in slot order:
 ascending for a flat scan or an ascending tile list, other tile lists take one ``tl.sort``.
+
+Decode has a few rows, far fewer than SMs: there a row's tiles are scored by several programs into
+a per-row scratch (:func:`_split_score_kernel`) and one program per row selects from it
+(:func:`_split_select_kernel`), the same selection (:func:`_select_row`) as the one-pass kernel's.
+Unlike split streaming lists, no per-split top-k is kept and nothing is merged.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ SCRATCH_MIN = tl.constexpr(-2147483648)
 """Score bits of a slot without a visible key: below every real score's (``-inf`` maps above it)."""
 SELECT_CHUNK = 1024
 """Scratch slots the final, order-keeping compaction handles at a time."""
+SELECT_WARPS = 8
+"""Warps of the selection program of split rows (:func:`_split_select_kernel`): its row's scores sit in registers."""
 
 
 @triton.jit
@@ -99,6 +106,84 @@ def _kth_largest(b, n_real, K: tl.constexpr, K_HI: tl.constexpr):
     return lo, c_lo
 
 
+@triton.jit
+def _row_setup(
+    p_q, p_k, p_w, p_tiles, i_r, s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_wb, s_ws, s_wt,
+    S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, o_h, o_d,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, HAS_TILES: tl.constexpr,
+):
+    """Row ``i_r`` (int64, among ``B · S · NT_ROWS``): ``(b_q [HP, D], b_w [HP], p_kr, r_k, p_tr, n_vis, n_tiles)``.
+
+    Its heads' queries and weights, its key set's base pointer and first row in the TMA view, its
+    tile list, the keys it sees and the tiles it scans.
+    """
+    i_t = T0 + i_r % NT_ROWS
+    i_bs = i_r // NT_ROWS
+    i_s = i_bs % S
+    i_b = i_bs // S
+    n_vis = LKV
+    if CAUSAL:
+        n_vis = tl.minimum((POS0 + i_t) // POS_MULT + 1, LKV)
+    m_h = o_h < H
+    b_q = tl.load(p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + o_h[:, None] * s_qh + o_d[None, :], mask=m_h[:, None], other=0.0)  # [HP, D]
+    b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_h, mask=m_h, other=0.0)  # [HP]
+    r_k = (i_b * s_kb + i_s * s_ks) // D  # the set's first row in desc_k
+    if HAS_TILES:
+        n_tiles = NUM_TILES
+    else:
+        n_tiles = tl.cdiv(n_vis, BLOCK_N)
+    return b_q, b_w, p_k + i_b * s_kb + i_s * s_ks, r_k, p_tiles + i_r * NUM_TILES, n_vis, n_tiles
+
+
+@triton.jit
+def _out_row(p_out, i_r, s_ob, s_os, s_ot, S, NT_ROWS):
+    """Pointer to row ``i_r``'s ``topk`` output slots."""
+    i_bs = i_r // NT_ROWS
+    return p_out + (i_bs // S) * s_ob + (i_bs % S) * s_os + (i_r % NT_ROWS) * s_ot
+
+
+@triton.jit
+def _select_row(
+    p_scr, n_slots, p_tr, p_o,
+    TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TILES: tl.constexpr, SORT: tl.constexpr,
+):
+    """The exact top ``TOPK`` of the score bits in ``p_scr[0:n_slots]`` → ascending int32 key ids at ``p_o``, -1 padded.
+
+    Slot ``i`` is key ``i`` (flat) or key ``tile[i // BLOCK_N] · BLOCK_N + i % BLOCK_N`` of the
+    row's tile list ``p_tr``. Threshold by bisection on the bits in registers; ties at it keep the
+    later slots; the kept ids are written in slot order, ``SUB`` slots at a time (sorted once
+    with ``SORT``, for tile lists in any order).
+    """
+    o_p = tl.arange(0, NP)  # [NP]
+    o_s = tl.arange(0, SUB)  # [SUB]
+    o_k = tl.arange(0, KP)  # [KP]
+    b_all = tl.load(p_scr + o_p, mask=o_p < n_slots, other=SCRATCH_MIN)  # [NP]
+    n_real = tl.sum((b_all > SCRATCH_MIN).to(tl.int32), 0)
+    tau, c_tau = _kth_largest(b_all, n_real, TOPK, TOPK)
+    skip_ties = tl.where(c_tau > TOPK, c_tau - TOPK, 0)  # ties at tau dropped: the first ones (smaller ids)
+    base = tl.zeros([], dtype=tl.int32)
+    ties = tl.zeros([], dtype=tl.int32)
+    for c0 in range(0, n_slots, SUB):  # kept ids in slot order, SUB slots at a time
+        b_v = tl.load(p_scr + c0 + o_s, mask=c0 + o_s < n_slots, other=SCRATCH_MIN)  # [SUB]
+        m_tie = b_v == tau
+        i_tie = ties + tl.cumsum(m_tie.to(tl.int32), 0)  # [SUB] ties up to here, this one included
+        m_keep = (b_v > tau) | (m_tie & (i_tie > skip_ties))
+        if HAS_TILES:
+            b_id = tl.load(p_tr + (c0 + o_s) // BLOCK_N, mask=m_keep, other=0) * BLOCK_N + (c0 + o_s) % BLOCK_N  # [SUB]
+        else:
+            b_id = c0 + o_s
+        tl.store(p_o + base + tl.cumsum(m_keep.to(tl.int32), 0) - 1, b_id, mask=m_keep)
+        base += tl.sum(m_keep.to(tl.int32), 0)
+        ties += tl.sum(m_tie.to(tl.int32), 0)
+    tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
+    if SORT:
+        tl.debug_barrier()
+        b_id = tl.sort(tl.load(p_o + o_k, mask=o_k < base, other=2147483647))  # ascending ids, padding last
+        tl.debug_barrier()
+        tl.store(p_o + o_k, b_id, mask=o_k < base)
+
+
 @triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "TOTAL", "NPROG"])
 def _whole_row_topk_kernel(
     p_q, p_k, desc_k, p_w, p_tiles, p_scr, p_out,
@@ -111,29 +196,13 @@ def _whole_row_topk_kernel(
     o_h = tl.arange(0, HP)  # [HP]
     o_d = tl.arange(0, D)  # [D]
     o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    o_p = tl.arange(0, NP)  # [NP]
-    o_s = tl.arange(0, SUB)  # [SUB]
-    o_k = tl.arange(0, KP)  # [KP]
-    m_h = o_h < H
     p_scr = p_scr + tl.program_id(0).to(tl.int64) * NP
     for i_loop in range(tl.program_id(0), TOTAL, NPROG):
         i_r = tl.full([], 0, dtype=tl.int64) + i_loop  # row among B * S * NT_ROWS
-        i_t = T0 + i_r % NT_ROWS
-        i_bs = i_r // NT_ROWS
-        i_s = i_bs % S
-        i_b = i_bs // S
-        n_vis = LKV
-        if CAUSAL:
-            n_vis = tl.minimum((POS0 + i_t) // POS_MULT + 1, LKV)
-        b_q = tl.load(p_q + i_b * s_qb + i_s * s_qs + i_t * s_qt + o_h[:, None] * s_qh + o_d[None, :], mask=m_h[:, None], other=0.0)  # [HP, D]
-        b_w = tl.load(p_w + i_b * s_wb + i_s * s_ws + i_t * s_wt + o_h, mask=m_h, other=0.0)  # [HP]
-        p_kr = p_k + i_b * s_kb + i_s * s_ks
-        r_k = (i_b * s_kb + i_s * s_ks) // D  # the set's first row in desc_k
-        p_tr = p_tiles + i_r * NUM_TILES
-        if HAS_TILES:
-            n_tiles = NUM_TILES
-        else:
-            n_tiles = tl.cdiv(n_vis, BLOCK_N)
+        b_q, b_w, p_kr, r_k, p_tr, n_vis, n_tiles = _row_setup(
+            p_q, p_k, p_w, p_tiles, i_r, s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_wb, s_ws, s_wt,
+            S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, o_h, o_d, D, BLOCK_N, CAUSAL, POS_MULT, HAS_TILES,
+        )
         tile = tl.load(p_tr, mask=HAS_TILES & (n_tiles > 0), other=-1)  # next tile id, loaded one step ahead
         for c0 in range(0, n_tiles, NP // BLOCK_N):  # one pass: the compiler then keeps q's shared-memory copy out of the tile loop
             for it in range(c0, tl.minimum(c0 + NP // BLOCK_N, n_tiles)):  # scores only: no admission, prefix sum or count per tile
@@ -142,43 +211,68 @@ def _whole_row_topk_kernel(
                 )
                 tl.store(p_scr + it * BLOCK_N + o_n, tl.where(m_key, _score_bits(b_sc), SCRATCH_MIN))
         tl.debug_barrier()  # every thread's scores are visible
-        n_slots = n_tiles * BLOCK_N
-        b_all = tl.load(p_scr + o_p, mask=o_p < n_slots, other=SCRATCH_MIN)  # [NP]
-        n_real = tl.sum((b_all > SCRATCH_MIN).to(tl.int32), 0)
-        tau, c_tau = _kth_largest(b_all, n_real, TOPK, TOPK)
-        skip_ties = tl.where(c_tau > TOPK, c_tau - TOPK, 0)  # ties at tau dropped: the first ones (smaller ids)
-        p_o = p_out + i_b * s_ob + i_s * s_os + (i_r % NT_ROWS) * s_ot
-        base = tl.zeros([], dtype=tl.int32)
-        ties = tl.zeros([], dtype=tl.int32)
-        for c0 in range(0, n_slots, SUB):  # kept ids in slot order, SUB slots at a time
-            b_v = tl.load(p_scr + c0 + o_s, mask=c0 + o_s < n_slots, other=SCRATCH_MIN)  # [SUB]
-            m_tie = b_v == tau
-            i_tie = ties + tl.cumsum(m_tie.to(tl.int32), 0)  # [SUB] ties up to here, this one included
-            m_keep = (b_v > tau) | (m_tie & (i_tie > skip_ties))
-            if HAS_TILES:
-                b_id = tl.load(p_tr + (c0 + o_s) // BLOCK_N, mask=m_keep, other=0) * BLOCK_N + (c0 + o_s) % BLOCK_N  # [SUB]
-            else:
-                b_id = c0 + o_s
-            tl.store(p_o + base + tl.cumsum(m_keep.to(tl.int32), 0) - 1, b_id, mask=m_keep)
-            base += tl.sum(m_keep.to(tl.int32), 0)
-            ties += tl.sum(m_tie.to(tl.int32), 0)
-        tl.store(p_o + o_k, tl.full([KP], -1, dtype=tl.int32), mask=(o_k >= base) & (o_k < TOPK))
-        if SORT:
-            tl.debug_barrier()
-            b_id = tl.sort(tl.load(p_o + o_k, mask=o_k < base, other=2147483647))  # ascending ids, padding last
-            tl.debug_barrier()
-            tl.store(p_o + o_k, b_id, mask=o_k < base)
+        p_o = _out_row(p_out, i_r, s_ob, s_os, s_ot, S, NT_ROWS)
+        _select_row(p_scr, n_tiles * BLOCK_N, p_tr, p_o, TOPK, KP, NP, SUB, BLOCK_N, HAS_TILES, SORT)
         tl.debug_barrier()  # the scratch is rewritten by the next row
+
+
+@triton.jit(do_not_specialize=["S", "POS0", "LKV", "H", "T0", "NT_ROWS", "NUM_TILES", "PER_SPLIT"])
+def _split_score_kernel(
+    p_q, p_k, desc_k, p_w, p_tiles, p_scr,
+    s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_kl, s_wb, s_ws, s_wt,
+    S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, PER_SPLIT,
+    NP: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    RELU: tl.constexpr, CAUSAL: tl.constexpr, POS_MULT: tl.constexpr, FORCE_ENDS: tl.constexpr, HAS_TILES: tl.constexpr, TMA: tl.constexpr,
+):
+    """Split ``program_id(1)`` of row ``program_id(0)``: the score bits of its ``PER_SPLIT`` tiles into the row's scratch.
+
+    Slots of tiles past the row's last (a causal flat scan's unseen tiles) get ``SCRATCH_MIN``.
+    """
+    i_r = tl.program_id(0).to(tl.int64)
+    o_h = tl.arange(0, HP)  # [HP]
+    o_d = tl.arange(0, D)  # [D]
+    o_n = tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    b_q, b_w, p_kr, r_k, p_tr, n_vis, n_tiles = _row_setup(
+        p_q, p_k, p_w, p_tiles, i_r, s_qb, s_qs, s_qt, s_qh, s_kb, s_ks, s_wb, s_ws, s_wt,
+        S, POS0, LKV, H, T0, NT_ROWS, NUM_TILES, o_h, o_d, D, BLOCK_N, CAUSAL, POS_MULT, HAS_TILES,
+    )
+    p_scr = p_scr + i_r * NP
+    t0 = tl.program_id(1) * PER_SPLIT
+    t1 = tl.minimum(t0 + PER_SPLIT, n_tiles)
+    tile = tl.load(p_tr + t0, mask=HAS_TILES & (t0 < t1), other=-1)  # next tile id, loaded one step ahead
+    for it in range(t0, t1):
+        b_sc, o_key, m_key, tile = _score_tile(
+            p_kr, desc_k, p_tr, b_q, b_w, tile, it, t1, n_vis, r_k, s_kl, o_n, o_d, BLOCK_N, RELU, FORCE_ENDS, HAS_TILES, TMA,
+        )
+        tl.store(p_scr + it * BLOCK_N + o_n, tl.where(m_key, _score_bits(b_sc), SCRATCH_MIN))
+    for it in range(tl.maximum(t1, t0), t0 + PER_SPLIT):
+        tl.store(p_scr + it * BLOCK_N + o_n, tl.full([BLOCK_N], SCRATCH_MIN, dtype=tl.int32), mask=it * BLOCK_N + o_n < NP)
+
+
+@triton.jit(do_not_specialize=["S", "NT_ROWS", "NUM_TILES", "N_SLOTS"])
+def _split_select_kernel(
+    p_tiles, p_scr, p_out, s_ob, s_os, s_ot, S, NT_ROWS, NUM_TILES, N_SLOTS,
+    TOPK: tl.constexpr, KP: tl.constexpr, NP: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TILES: tl.constexpr, SORT: tl.constexpr,
+):
+    """Row ``program_id(0)``'s top ``TOPK`` from the scratch that :func:`_split_score_kernel` filled."""
+    i_r = tl.program_id(0).to(tl.int64)
+    p_o = _out_row(p_out, i_r, s_ob, s_os, s_ot, S, NT_ROWS)
+    _select_row(p_scr + i_r * NP, N_SLOTS, p_tiles + i_r * NUM_TILES, p_o, TOPK, KP, NP, SUB, BLOCK_N, HAS_TILES, SORT)
 
 
 def whole_row_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, desc_k, out: torch.Tensor, topk: int, *,
     relu: bool, causal: bool, t0: int, kv_tokens: int, tiles, tiles_ascending: bool, pos_mult: int, force_ends: bool,
-    block_n: int, num_warps: int, stages: dict,
+    block_n: int, num_warps: int, stages: dict, splits: int = 1,
 ) -> torch.Tensor:
     """Launch for :func:`blocksieve.ops.indexer_topk.indexer_topk` (arguments already checked there).
 
     Rows of at most :data:`WHOLE_ROW_MAX` keys; ``out`` int32 ``[B, S, rows, topk]``, last dim contiguous.
+    ``splits > 1`` (decode: few rows) scores each row's tiles over that many programs
+    (:func:`_split_score_kernel`, every row's scores kept in a ``[rows, NP]`` int32 scratch), then
+    selects each row in one program (:func:`_split_select_kernel`, :data:`SELECT_WARPS` warps): no
+    per-split top-k lists to merge.
     """
     b, s, lq, h, d = q.shape
     nrows = out.shape[2]
@@ -186,15 +280,27 @@ def whole_row_topk(
     width = num_tiles * block_n if tiles is not None else -(-k.shape[2] // block_n) * block_n
     np_ = next_pow2(width)
     total = b * s * nrows
+    strides = (q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2), w.stride(0), w.stride(1), w.stride(2))
+    rows = (s, kv_tokens - lq, k.shape[2], h, t0, nrows, num_tiles)
+    shape = dict(HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
+                 HAS_TILES=tiles is not None, TMA=desc_k is not None)
+    select = dict(TOPK=topk, KP=next_pow2(topk), NP=np_, SUB=min(SELECT_CHUNK, np_), SORT=tiles is not None and not tiles_ascending)
+    if splits > 1:
+        per = -(-(width // block_n) // splits)
+        scratch = torch.empty(total, np_, dtype=torch.int32, device=q.device)
+        p_tiles = tiles if tiles is not None else scratch
+        _split_score_kernel[(total, -(-(width // block_n) // per))](
+            q, k, desc_k, w, p_tiles, scratch, *strides, *rows, per, NP=np_, **shape, num_warps=num_warps, **stages,
+        )
+        _split_select_kernel[(total,)](
+            p_tiles, scratch, out, out.stride(0), out.stride(1), out.stride(2), s, nrows, num_tiles, width,
+            BLOCK_N=block_n, HAS_TILES=tiles is not None, **select, num_warps=SELECT_WARPS,
+        )
+        return out
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
     scratch = torch.empty(nprog, np_, dtype=torch.int32, device=q.device)
     _whole_row_topk_kernel[(nprog,)](
-        q, k, desc_k, w, tiles if tiles is not None else scratch, scratch, out,
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3), k.stride(0), k.stride(1), k.stride(2),
-        w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        s, kv_tokens - lq, k.shape[2], h, t0, nrows, num_tiles, total, nprog,
-        TOPK=topk, KP=next_pow2(topk), NP=np_, SUB=min(SELECT_CHUNK, np_), HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n,
-        RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends, HAS_TILES=tiles is not None,
-        SORT=tiles is not None and not tiles_ascending, TMA=desc_k is not None, num_warps=num_warps, **stages,
+        q, k, desc_k, w, tiles if tiles is not None else scratch, scratch, out, *strides, out.stride(0), out.stride(1), out.stride(2),
+        *rows, total, nprog, **select, **shape, num_warps=num_warps, **stages,
     )
     return out

@@ -135,9 +135,10 @@ def _kernel(
 ) -> torch.Tensor:
     """The fused Triton scan of ``ix`` (or of ``ix``'s queries against ``keys``), launch shape chosen here.
 
-    Few rows (decode): a row of more than :data:`SPLIT_FROM_KEYS` keys is split over programs to
-    fill the GPU, at least :data:`SPLIT_MIN_KEYS` each; shorter rows (HISA's pooled blocks up to
-    128K tokens) are scanned whole by one program each. Many rows (prefill): ``row_block`` rows
+    Few rows (decode): rows are split over programs to fill the GPU. A row of at most
+    ``WHOLE_ROW_MAX`` keys (HISA's stages) is scored by programs of at least
+    :data:`WHOLE_SPLIT_MIN_KEYS` keys and selected once; a longer one (a flat scan) keeps a
+    streaming list per program of at least :data:`SPLIT_MIN_KEYS` keys, merged after. Many rows (prefill): ``row_block`` rows
     per program share each key tile (default :func:`default_row_block` of the head count) and a
     flat scan reads 128-key tiles, two pipeline stages deep; but rows of at most ``WHOLE_ROW_MAX`` keys where the default is 1 or 2
     rows (DSA's 64 heads: HISA's rows before its gate) take one row per program, which the
@@ -154,7 +155,8 @@ def _kernel(
     width = tiles.shape[-1] * block_n if tiles is not None else k.shape[2]
     splits, bq = 1, 1
     if nrows < sms:
-        splits = max(1, min(64, -(-2 * sms // nrows), width // SPLIT_MIN_KEYS)) if width > SPLIT_FROM_KEYS else 1
+        per = WHOLE_SPLIT_MIN_KEYS if width <= WHOLE_ROW_MAX else SPLIT_MIN_KEYS
+        splits = max(1, min(64, -(-2 * sms // nrows), width // per))
     elif tiles is None:
         bq = default_row_block(ix.num_heads) if row_block is None else row_block
         if row_block is None and bq <= 2 and k.shape[2] <= WHOLE_ROW_MAX:
@@ -169,12 +171,10 @@ def _kernel(
 
 
 SPLIT_MIN_KEYS = 512
-"""Fewest keys per program when a decode row is split (``_kernel``)."""
-SPLIT_FROM_KEYS = 1024
-"""Decode rows of at most this many keys are not split. Measured on an H100, B = 8 from a CUDA graph
-(``benchmarks/results/indexer_decode_splits_h100.json``): HISA's 1,024 pooled blocks at 128K take
-13.7 µs in one program per row against 18.7 + 4.4 µs in two plus their merge, while its 8,192
-candidates are fastest over 16 programs of 512 (7.6 + 14.5 µs; 8 programs: 11.3 + 14.8 µs)."""
+"""Fewest keys per program when a decode row longer than ``WHOLE_ROW_MAX`` is split (``_kernel``)."""
+WHOLE_SPLIT_MIN_KEYS = 256
+"""Fewest keys per scoring program when a decode row of at most ``WHOLE_ROW_MAX`` keys is split
+(``_kernel``): HISA's 1,024 pooled blocks at 128K in 4 programs, its 8,192 candidates in up to 32."""
 
 
 def default_row_block(heads: int) -> int:

@@ -47,7 +47,7 @@ def test_flat_scan_matches_torch(relu, splits, whole):
     if not relu:
         ix = gqa_indexer(torch.randn(1, 4, 44, 16, device=DEVICE), torch.randn(1, 2, 44, 16, device=DEVICE))
     r0 = 37
-    got = indexer_topk(ix.q, ix.k, ix.w, 8, relu=relu, rows=(r0, 44), block_n=16, splits=splits, whole_rows=whole and splits == 1)
+    got = indexer_topk(ix.q, ix.k, ix.w, 8, relu=relu, rows=(r0, 44), block_n=16, splits=splits, whole_rows=whole)
     want = flat_ids(ix, 8, backend="torch")[:, :, r0:]
     assert_topk_equal(ix, got, want, r0)
 
@@ -188,15 +188,17 @@ def test_row_blocks_pooled_forced_ends():
         assert {0, (30 + i) // 2} <= set(got[0, 0, i].tolist())
 
 
-def test_short_splits_keep_only_their_keys():
-    """Splits of fewer keys than topk keep all of theirs (80 per split here) and still merge to the exact top-k.
+@pytest.mark.parametrize("whole", [False, True], ids=["list", "whole-row"])
+def test_short_splits_keep_only_their_keys(whole):
+    """Splits of fewer keys than topk keep all of theirs (80 per split here) and still merge to the exact top-k
+    (whole rows: every split's scores go to the row's scratch, then one selection).
 
     Small-integer inputs: their scores are exact under the GPU's TF32 products too, so the 100th/101st
     boundary cannot move by rounding (ties are allowed by the comparison)."""
     q, k, w = (torch.randint(-3, 4, shape, device=DEVICE).float() for shape in ((1, 260, 2, 16), (1, 260, 16), (1, 260, 2)))
     ix = dsa_indexer(q, k, w)
     r0 = 258
-    got = indexer_topk(ix.q, ix.k, ix.w, 100, rows=(r0, 260), block_n=16, splits=4)
+    got = indexer_topk(ix.q, ix.k, ix.w, 100, rows=(r0, 260), block_n=16, splits=4, whole_rows=whole)
     assert got.shape == (1, 1, 2, 100)
     want = flat_ids(ix, 100, backend="torch")[:, :, r0:]
     assert_topk_equal(ix, got, want, r0)
@@ -208,10 +210,10 @@ def test_many_splits_merge_in_levels(monkeypatch):
     q, k, w = (torch.randint(-3, 4, shape, device=DEVICE).float() for shape in ((1, 300, 2, 16), (1, 300, 16), (1, 300, 2)))
     ix = dsa_indexer(q, k, w)
     r0 = 298
-    one_level = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8)
+    one_level = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8, whole_rows=False)
     monkeypatch.setattr(indexer_topk_module, "MERGE_MAX", 32)
     monkeypatch.setattr(indexer_topk_module, "_merge_splits", None)  # no PyTorch fallback
-    got = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8)
+    got = indexer_topk(ix.q, ix.k, ix.w, 12, rows=(r0, 300), block_n=16, splits=8, whole_rows=False)
     assert torch.equal(got, one_level)
     assert_topk_equal(ix, got, flat_ids(ix, 12, backend="torch")[:, :, r0:], r0)
 
@@ -301,8 +303,8 @@ def test_out_rejects_wrong_tensors():
         indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), out=torch.empty(1, 1, 4, 4, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="out must be int32"):
         indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), out=torch.empty(1, 1, 4, 5, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="out= is for splits=1"):
-        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, out=torch.empty(1, 1, 4, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="out= with splits > 1 needs whole rows"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, whole_rows=False, out=torch.empty(1, 1, 4, 4, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("tiles", [False, True], ids=["flat", "ascending-tiles"])
@@ -325,8 +327,39 @@ def test_whole_rows_choose_the_list_kernels_keys(tiles):
 
 def test_whole_rows_rejects_rows_it_cannot_take(monkeypatch):
     ix = dsa_indexer(torch.randn(1, 40, 2, 16, device=DEVICE), torch.randn(1, 40, 16, device=DEVICE), torch.randn(1, 40, 2, device=DEVICE))
-    with pytest.raises(ValueError, match="whole_rows=True needs splits=1"):
-        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), splits=2, whole_rows=True)
+    with pytest.raises(ValueError, match="whole_rows=True needs row_block=1"):
+        indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), row_block=2, whole_rows=True)
     monkeypatch.setattr(indexer_topk_module, "WHOLE_ROW_MAX", 16)
     with pytest.raises(ValueError, match="rows of at most 16 keys"):
         indexer_topk(ix.q, ix.k, ix.w, 4, rows=(36, 40), whole_rows=True)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("source", ["flat", "ascending-tiles", "tiles-any-order", "pooled"])
+def test_whole_row_splits_equal_one_program(source, splits):
+    """Decode's split whole rows (scores from several programs into the row's scratch, one selection)
+    choose exactly the one-program kernel's ids, into a poisoned ``out``: flat causal rows whose last
+    splits see no key, tile lists (ascending, or in any order with -1 gaps: the final sort) and
+    pooled blocks with forced ends. Ties included: 2 ReLU heads leave many scores exactly 0."""
+    n, r0, r1 = 200, 190, 200
+    g = torch.Generator().manual_seed(splits)
+    ix = dsa_indexer(*(torch.randn(*sh, generator=g).to(DEVICE) for sh in ((2, n, 2, 16), (2, n, 16), (2, n, 2))))
+    keys, kw, topk = ix.k, dict(block_n=16), 24
+    if source == "flat":
+        r0, r1 = 20, 30  # rows see 21-30 keys: 2 of the 13 tiles, so most splits fall past the row's last tile
+    elif source == "pooled":
+        keys, topk = pool_keys(ix.k, 4, "mean"), 6
+        kw.update(kv_tokens=n, pos_mult=4, force_ends=True)
+    else:
+        t = torch.stack([torch.randperm(12, generator=g)[:7] for _ in range(2 * (r1 - r0))]).view(2, 1, r1 - r0, 7)
+        t[..., 3] = -1
+        if source == "ascending-tiles":
+            t = torch.where(t < 0, 99, t).sort(-1).values
+            t = torch.where(t == 99, -1, t)  # ascending, -1 last
+        kw.update(tiles=t.to(torch.int32).to(DEVICE), tiles_ascending=source == "ascending-tiles")
+    want = indexer_topk(ix.q, keys, ix.w, topk, rows=(r0, r1), whole_rows=True, **kw)
+    got = torch.full_like(want, 12345)
+    indexer_topk(ix.q, keys, ix.w, topk, rows=(r0, r1), whole_rows=True, splits=splits, out=got, **kw)
+    assert (want >= 0).sum() > 0 and torch.equal(got, want)
+    if source == "flat":
+        assert_topk_equal(ix, got, flat_ids(ix, topk, backend="torch")[:, :, r0:r1], r0)
