@@ -156,6 +156,20 @@ def test_hisa_blocks_wider_than_a_tile():
     assert_topk_equal(ix, got.indices, want.indices.long(), 0)
 
 
+def test_hisa_decode_splits_its_stages(monkeypatch):
+    """A decode step (one query, batch 2) with ``WHOLE_SPLIT_MIN_KEYS`` = 16: the pooled scan (38
+    blocks) and the candidate scan (8 blocks of 16) each run split over programs, as HISA's 1,024
+    blocks and 8,192 candidates at 128K do on a GPU, and choose what the PyTorch rule chooses."""
+    from blocksieve.select import token_topk
+
+    monkeypatch.setattr(token_topk, "WHOLE_SPLIT_MIN_KEYS", 16)
+    q, k, w = (torch.randint(-3, 4, shape, device=DEVICE).float() for shape in ((2, 1, 2, 16), (2, 600, 16), (2, 1, 2)))
+    ix = dsa_indexer(q, k, w)
+    got = token_topk.hisa_topk(ix, 24, block=16, m=8, backend="triton")
+    want = token_topk.hisa_topk(ix, 24, block=16, m=8, backend="torch")
+    assert_topk_equal(ix, got.indices, want.indices.long(), 0)
+
+
 @pytest.mark.parametrize("tma", [None, False], ids=["tma-auto", "gather"])
 @pytest.mark.parametrize("relu,bq", [(True, 2), (True, 4), (False, 8)], ids=["relu-bq2", "relu-bq4", "linear-bq8"])
 def test_row_blocks_match_torch(relu, bq, tma):
