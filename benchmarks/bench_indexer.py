@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, median_time
-from blocksieve.ops import attend
+from blocksieve.ops import attend, whole_row_topk
 from blocksieve.select import token_topk
 from blocksieve.select.indexer import candidate_scores, dsa_indexer
 from blocksieve.select.token_topk import (
@@ -245,6 +245,7 @@ def warmup(args) -> dict:
     base = [sys.executable, "-m", "benchmarks.bench_indexer", "--out", str(args.out)] + (["--smoke"] if args.smoke else [])
     base += ["--split-min-keys", str(args.split_min_keys)] if args.split_min_keys else []
     base += ["--whole-split-min-keys", str(args.whole_split_min_keys)] if args.whole_split_min_keys else []
+    base += ["--select-warps", str(args.select_warps)] if args.select_warps else []
     procs = {v: subprocess.Popen(base + ["--warm", v], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in groups}
     failed = {}
     for v, p in procs.items():
@@ -265,6 +266,7 @@ def main(argv=None):
     ap.add_argument("--decode-only", action="store_true", help="time only the decode steps (with their GPU kernel timelines)")
     ap.add_argument("--split-min-keys", type=int, default=None, help="token_topk.SPLIT_MIN_KEYS for this run (decode launch shapes)")
     ap.add_argument("--whole-split-min-keys", type=int, default=None, help="token_topk.WHOLE_SPLIT_MIN_KEYS for this run (HISA's decode)")
+    ap.add_argument("--select-warps", type=int, default=None, help="whole_row_topk.SELECT_WARPS for this run (HISA's decode)")
     ap.add_argument("--warm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     c = dict(SIZES["smoke" if args.smoke else "full"])
@@ -275,6 +277,8 @@ def main(argv=None):
         token_topk.SPLIT_MIN_KEYS = c["split_min_keys"] = args.split_min_keys
     if args.whole_split_min_keys:
         token_topk.WHOLE_SPLIT_MIN_KEYS = c["whole_split_min_keys"] = args.whole_split_min_keys
+    if args.select_warps:
+        whole_row_topk.SELECT_WARPS = c["select_warps"] = args.select_warps
     if args.warm:
         warm(c, args.warm, device)
         return
