@@ -65,7 +65,8 @@ def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """Pooled keys ``[B, S, ceil(L / block), d]`` of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
 
-    Decode: only the blocks from ``n_pooled // block`` on are pooled again and written in place
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again (on CUDA by
+    :func:`blocksieve.ops.pool_blocks.pool_blocks_into`, one launch) and written in place
     into ``pooled``'s storage, which is allocated with room for :func:`pooled_room` more blocks:
     O(new keys + block) per step, no copy of the earlier blocks (a view of the first
     ``ceil(L / block)`` blocks is returned, the same storage while the room lasts). So the
@@ -87,8 +88,12 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
         out = torch.zeros(b, s, nb + pooled_room(nb), d, dtype=k.dtype, device=k.device)[:, :, :nb]
         if first:
             out[:, :, :first] = pooled[:, :, :first]
-    if first < nb:
-        out[:, :, first:] = _pool(k[:, :, first * block :], block, mode)  # the copy casts: no extra kernel
+    if first < nb and k.is_cuda and k.stride(-1) == 1:
+        from blocksieve.ops.pool_blocks import pool_blocks_into
+
+        pool_blocks_into(k, out, first, block, mode)  # one launch (PyTorch takes three)
+    elif first < nb:
+        out[:, :, first:] = _pool(k[:, :, first * block :], block, mode)  # the copy casts
     return out
 
 

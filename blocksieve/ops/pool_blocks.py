@@ -1,0 +1,86 @@
+"""Pool key blocks into a pooled-key buffer in one Triton launch (a decode step's re-pooled last block).
+
+HISA and MISA keep their keys pooled by blocks while the cache grows
+(:func:`blocksieve.select.token_topk.update_pooled`): each decode step re-pools the last block
+only. In PyTorch that is a sum, a division and a cast-copy into the buffer: three kernels, about
+7.6 µs of HISA's 50 µs decode step on an H100 (``benchmarks/results/indexer_decode_splits_h100.json``).
+Here one program per (batch, set, block) reads the block's keys ``BLOCK_L`` at a time, sums (or
+takes the max) in fp32 and writes the result in the buffer's dtype: one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blocksieve.ops._triton_utils import interpreting, next_pow2
+
+__all__ = ["pool_blocks_into"]
+
+BLOCK_L = 32
+"""Keys a program reads at a time."""
+
+
+@triton.jit
+def _pool_blocks_kernel(
+    p_k, p_out, s_kb, s_ks, s_kl, s_ob, s_os, s_on, S, N, FIRST,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, MAX: tl.constexpr,
+):  # fmt: skip
+    i_bs = tl.program_id(0)
+    i_j = FIRST + tl.program_id(1)  # block id
+    i_b = i_bs // S
+    i_s = i_bs % S
+    o_l = tl.arange(0, BLOCK_L)  # [BL]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_d = o_d < D
+    k0 = i_j * BLOCK
+    k1 = tl.minimum(k0 + BLOCK, N)
+    p_kr = p_k + i_b.to(tl.int64) * s_kb + i_s.to(tl.int64) * s_ks
+    if MAX:
+        acc = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_D], tl.float32)
+    for l0 in range(k0, k1, BLOCK_L):
+        m_l = l0 + o_l < k1
+        b_k = tl.load(p_kr + (l0 + o_l).to(tl.int64)[:, None] * s_kl + o_d[None, :], mask=m_l[:, None] & m_d[None, :], other=0.0)
+        b_k = b_k.to(tl.float32)  # [BL, BD]
+        if MAX:
+            acc = tl.maximum(acc, tl.max(tl.where(m_l[:, None], b_k, float("-inf")), 0))
+        else:
+            acc += tl.sum(b_k, 0)
+    if not MAX:
+        acc = acc / (k1 - k0).to(tl.float32)
+    p_o = p_out + i_b.to(tl.int64) * s_ob + i_s.to(tl.int64) * s_os + i_j.to(tl.int64) * s_on + o_d
+    tl.store(p_o, acc.to(p_out.dtype.element_ty), mask=m_d)
+
+
+def pool_blocks_into(k: torch.Tensor, out: torch.Tensor, first: int, block: int, mode: str) -> None:
+    """Write the pooled blocks ``first, …, ceil(L / block) - 1`` of ``k`` into ``out`` (in place).
+
+    Args:
+        k: keys ``[B, S, L, d]`` (last dim contiguous); the last block may be partial and pools the
+            keys it has.
+        out: pooled keys ``[B, S, >= ceil(L / block), d]`` (last dim contiguous, any dtype): block
+            ``j`` is written at ``out[:, :, j]``, as ``pool_keys(k, block, mode)[:, :, j]``
+            (means and maxima in fp32, cast once).
+        first: the first block to pool; block: keys per block; mode: ``"mean"`` or ``"max"``.
+    """
+    b, s, n, d = k.shape
+    nb = -(-n // block)
+    if mode not in ("mean", "max"):
+        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
+    if k.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("k and out need a contiguous last dimension: pass .contiguous() tensors")
+    if out.dim() != 4 or tuple(out.shape[:2]) != (b, s) or out.shape[3] != d or out.shape[2] < nb:
+        raise ValueError(f"out {tuple(out.shape)} must be [B={b}, S={s}, >= {nb} blocks, d={d}]")
+    if not (k.is_cuda or interpreting()):
+        raise ValueError(f"k is on {k.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); pool with pool_keys on the CPU")
+    if not 0 <= first <= nb:
+        raise ValueError(f"first={first} must lie in [0, {nb}] (the blocks of {n} keys)")
+    if first == nb or b * s == 0:
+        return
+    _pool_blocks_kernel[(b * s, nb - first)](
+        k, out, k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2), s, n, first,
+        D=d, BLOCK=block, BLOCK_L=BLOCK_L, BLOCK_D=next_pow2(d), MAX=mode == "max",
+    )
