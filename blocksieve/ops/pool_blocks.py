@@ -4,8 +4,11 @@ HISA and MISA keep their keys pooled by blocks while the cache grows
 (:func:`blocksieve.select.token_topk.update_pooled`): each decode step re-pools the last block
 only. In PyTorch that is a sum, a division and a cast-copy into the buffer: three kernels, about
 7.6 µs of HISA's 50 µs decode step on an H100 (``benchmarks/results/indexer_decode_splits_h100.json``).
-Here one program per (batch, set, block) reads the block's keys ``BLOCK_L`` at a time, sums (or
-takes the max) in fp32 and writes the result in the buffer's dtype: one launch.
+Here one program per (batch, set, block, ``BLOCK_D`` channels) reads the block's keys up to
+``BLOCK_L`` at a time (a 128-key block in one load, a 1,024-key block in four), sums (or takes the
+max) in fp32 and writes the result in the buffer's dtype: one launch. A decode step has a few
+(batch, set) pairs, so the channels are split over programs too (32 per program for ``d = 128``)
+to have enough loads in flight.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from blocksieve.ops._triton_utils import interpreting, next_pow2
 
 __all__ = ["pool_blocks_into"]
 
-BLOCK_L = 32
-"""Keys a program reads at a time."""
+BLOCK_L = 256
+"""Most keys a program reads at a time."""
+BLOCK_D = 32
+"""Channels per program."""
 
 
 @triton.jit
@@ -32,7 +37,7 @@ def _pool_blocks_kernel(
     i_b = i_bs // S
     i_s = i_bs % S
     o_l = tl.arange(0, BLOCK_L)  # [BL]
-    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    o_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     m_d = o_d < D
     k0 = i_j * BLOCK
     k1 = tl.minimum(k0 + BLOCK, N)
@@ -80,7 +85,8 @@ def pool_blocks_into(k: torch.Tensor, out: torch.Tensor, first: int, block: int,
         raise ValueError(f"first={first} must lie in [0, {nb}] (the blocks of {n} keys)")
     if first == nb or b * s == 0:
         return
-    _pool_blocks_kernel[(b * s, nb - first)](
+    block_d = min(BLOCK_D, next_pow2(d))
+    _pool_blocks_kernel[(b * s, nb - first, -(-d // block_d))](
         k, out, k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2), s, n, first,
-        D=d, BLOCK=block, BLOCK_L=BLOCK_L, BLOCK_D=next_pow2(d), MAX=mode == "max",
+        D=d, BLOCK=block, BLOCK_L=min(BLOCK_L, next_pow2(block)), BLOCK_D=block_d, MAX=mode == "max",
     )

@@ -271,8 +271,8 @@ def whole_row_topk(
     Rows of at most :data:`WHOLE_ROW_MAX` keys; ``out`` int32 ``[B, S, rows, topk]``, last dim contiguous.
     ``splits > 1`` (decode: few rows) scores each row's tiles over that many programs
     (:func:`_split_score_kernel`, every row's scores kept in a ``[rows, NP]`` int32 scratch), then
-    selects each row in one program (:func:`_split_select_kernel`, :data:`SELECT_WARPS` warps): no
-    per-split top-k lists to merge.
+    selects each row in one program (:func:`_split_select_kernel`, :data:`SELECT_WARPS` warps, the
+    whole row compacted in one step): no per-split top-k lists to merge.
     """
     b, s, lq, h, d = q.shape
     nrows = out.shape[2]
@@ -294,7 +294,7 @@ def whole_row_topk(
         )
         _split_select_kernel[(total,)](
             p_tiles, scratch, out, out.stride(0), out.stride(1), out.stride(2), s, nrows, num_tiles, width,
-            BLOCK_N=block_n, HAS_TILES=tiles is not None, **select, num_warps=SELECT_WARPS,
+            BLOCK_N=block_n, HAS_TILES=tiles is not None, **{**select, "SUB": np_}, num_warps=SELECT_WARPS,
         )
         return out
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
