@@ -8,7 +8,9 @@ Here one program per (batch, set, block, ``BLOCK_D`` channels) reads the block's
 ``BLOCK_L`` at a time (a 128-key block in one load, a 1,024-key block in four), sums (or takes the
 max) in fp32 and writes the result in the buffer's dtype: one launch. A decode step has a few
 (batch, set) pairs, so the channels are split over programs too (32 per program for ``d = 128``)
-to have enough loads in flight.
+to have enough loads in flight. On an H100 (B = 8) a 128-key block takes 1.9 µs, but a 1,024-key
+block 14.4-15.4 µs, more than PyTorch's 10.9-12.6 µs: ``update_pooled`` uses the kernel for blocks
+of at most ``POOL_KERNEL_MAX_BLOCK`` keys (``benchmarks/results/indexer_decode_pool_select_h100.json``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ SCRATCH_MIN = tl.constexpr(-2147483648)
 SELECT_CHUNK = 1024
 """Scratch slots the final, order-keeping compaction handles at a time."""
 SELECT_WARPS = 8
-"""Warps of the selection program of split rows (:func:`_split_select_kernel`): its row's scores sit in registers."""
+"""Warps of the selection program of split rows (:func:`_split_select_kernel`): its row's scores sit in registers.
+HISA's decode step (H100, B = 8, 1,024-slot compaction chunks; ``indexer_decode_whole_splits_h100.json``)
+took 38.2 / 40.6 µs at 32K / 128K with 4 warps, 38.2 / 40.8 with 8 and 41.1 / 45.0 with 16."""
 
 
 @triton.jit

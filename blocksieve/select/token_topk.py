@@ -65,8 +65,9 @@ def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """Pooled keys ``[B, S, ceil(L / block), d]`` of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
 
-    Decode: only the blocks from ``n_pooled // block`` on are pooled again (on CUDA by
-    :func:`blocksieve.ops.pool_blocks.pool_blocks_into`, one launch) and written in place
+    Decode: only the blocks from ``n_pooled // block`` on are pooled again (on CUDA, blocks of at
+    most :data:`POOL_KERNEL_MAX_BLOCK` keys by :func:`blocksieve.ops.pool_blocks.pool_blocks_into`,
+    one launch) and written in place
     into ``pooled``'s storage, which is allocated with room for :func:`pooled_room` more blocks:
     O(new keys + block) per step, no copy of the earlier blocks (a view of the first
     ``ceil(L / block)`` blocks is returned, the same storage while the room lasts). So the
@@ -88,13 +89,20 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
         out = torch.zeros(b, s, nb + pooled_room(nb), d, dtype=k.dtype, device=k.device)[:, :, :nb]
         if first:
             out[:, :, :first] = pooled[:, :, :first]
-    if first < nb and k.is_cuda and k.stride(-1) == 1:
+    if first < nb and k.is_cuda and k.stride(-1) == 1 and block <= POOL_KERNEL_MAX_BLOCK:
         from blocksieve.ops.pool_blocks import pool_blocks_into
 
         pool_blocks_into(k, out, first, block, mode)  # one launch (PyTorch takes three)
     elif first < nb:
         out[:, :, first:] = _pool(k[:, :, first * block :], block, mode)  # the copy casts
     return out
+
+
+POOL_KERNEL_MAX_BLOCK = 128
+"""Largest block :func:`update_pooled` re-pools with the Triton kernel on CUDA. Measured on an H100,
+B = 8 decode steps from a CUDA graph (``benchmarks/results/indexer_decode_pool_select_h100.json``):
+HISA's 128-key block 1.9 µs against 6.4 µs for PyTorch's sum, divide and cast-copy; MISA's
+1,024-key block 14.4-15.4 µs against 10.9-12.6 µs, so larger blocks stay with PyTorch."""
 
 
 def _has_room(pooled: torch.Tensor, nb: int) -> bool:
@@ -179,7 +187,10 @@ SPLIT_MIN_KEYS = 512
 """Fewest keys per program when a decode row longer than ``WHOLE_ROW_MAX`` is split (``_kernel``)."""
 WHOLE_SPLIT_MIN_KEYS = 256
 """Fewest keys per scoring program when a decode row of at most ``WHOLE_ROW_MAX`` keys is split
-(``_kernel``): HISA's 1,024 pooled blocks at 128K in 4 programs, its 8,192 candidates in up to 32."""
+(``_kernel``): HISA's 1,024 pooled blocks at 128K in 4 programs, its 8,192 candidates in 32.
+Varied for whole runs on an H100 (B = 8, CUDA graph; ``--whole-split-min-keys``,
+``benchmarks/results/indexer_decode_whole_splits_h100.json``): HISA's step at 32K / 128K took
+38.8 / 40.2 µs with 128, 38.2 / 40.8 with 256, 38.1 / 42.3 with 512 and 40.1 / 45.7 with 1,024."""
 
 
 def default_row_block(heads: int) -> int:
