@@ -151,10 +151,12 @@ def _kernel(
     Few rows (decode): rows are split over programs to fill the GPU. A row of at most
     ``WHOLE_ROW_MAX`` keys (HISA's stages) is scored by programs of at least
     :data:`WHOLE_SPLIT_MIN_KEYS` keys and selected once; a longer one (a flat scan) keeps a
-    streaming list per program of at least :data:`SPLIT_MIN_KEYS` keys, merged after. Many rows (prefill): ``row_block`` rows
-    per program share each key tile (default :func:`default_row_block` of the head count) and a
-    flat scan reads 128-key tiles, two pipeline stages deep; but rows of at most ``WHOLE_ROW_MAX`` keys where the default is 1 or 2
-    rows (DSA's 64 heads: HISA's rows before its gate) take one row per program, which the
+    streaming list per program of at least :data:`SPLIT_MIN_KEYS` keys, merged after.
+
+    Many rows (prefill): ``row_block`` rows per program share each key tile (default
+    :func:`default_row_block` of the head count) and a flat scan reads 128-key tiles, two pipeline
+    stages deep; but rows of at most ``WHOLE_ROW_MAX`` keys where the default is 1 or 2 rows
+    (DSA's 64 heads: HISA's rows before its gate) take one row per program, which the
     kernel scores whole (:mod:`blocksieve.ops.whole_row_topk`; 8,192 rows of a 8,192-key prefix on
     an H100: 1.6 ms against 2.8 ms for 2 rows per program).
     """
