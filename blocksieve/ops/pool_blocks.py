@@ -2,14 +2,14 @@
 
 HISA and MISA keep their keys pooled by blocks while the cache grows
 (:func:`blocksieve.select.token_topk.update_pooled`): each decode step re-pools the last block
-only. In PyTorch that is a sum, a division and a cast-copy into the buffer: three kernels, about
-7.6 µs of HISA's 50 µs decode step on an H100 (``benchmarks/results/indexer_decode_splits_h100.json``).
+only. In PyTorch that is a mean in fp32 and a cast-copy into the buffer: two kernels, 6.4 µs of
+HISA's 44 µs decode step at 128K on an H100 (``benchmarks/results/indexer_decode_pool_select_h100.json``).
 Here one program per (batch, set, block, ``BLOCK_D`` channels) reads the block's keys up to
 ``BLOCK_L`` at a time (a 128-key block in one load, a 1,024-key block in four), sums (or takes the
 max) in fp32 and writes the result in the buffer's dtype: one launch. A decode step has a few
 (batch, set) pairs, so the channels are split over programs too (32 per program for ``d = 128``)
 to have enough loads in flight. On an H100 (B = 8) a 128-key block takes 1.9 µs, but a 1,024-key
-block 14.4-15.4 µs, more than PyTorch's 10.9-12.6 µs: ``update_pooled`` uses the kernel for blocks
+block 14.4-15.4 µs, more than PyTorch's 10.8-12.6 µs: ``update_pooled`` uses the kernel for blocks
 of at most ``POOL_KERNEL_MAX_BLOCK`` keys (``benchmarks/results/indexer_decode_pool_select_h100.json``).
 """
 

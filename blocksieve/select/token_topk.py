@@ -92,7 +92,7 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
     if first < nb and k.is_cuda and k.stride(-1) == 1 and block <= POOL_KERNEL_MAX_BLOCK:
         from blocksieve.ops.pool_blocks import pool_blocks_into
 
-        pool_blocks_into(k, out, first, block, mode)  # one launch (PyTorch takes three)
+        pool_blocks_into(k, out, first, block, mode)  # one launch (PyTorch takes two)
     elif first < nb:
         out[:, :, first:] = _pool(k[:, :, first * block :], block, mode)  # the copy casts
     return out
@@ -101,8 +101,8 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
 POOL_KERNEL_MAX_BLOCK = 128
 """Largest block :func:`update_pooled` re-pools with the Triton kernel on CUDA. Measured on an H100,
 B = 8 decode steps from a CUDA graph (``benchmarks/results/indexer_decode_pool_select_h100.json``):
-HISA's 128-key block 1.9 µs against 6.4 µs for PyTorch's sum, divide and cast-copy; MISA's
-1,024-key block 14.4-15.4 µs against 10.9-12.6 µs, so larger blocks stay with PyTorch."""
+HISA's 128-key block 1.9 µs against 6.4 µs for PyTorch's mean and cast-copy; MISA's
+1,024-key block 14.4-15.4 µs against 10.8-12.6 µs, so larger blocks stay with PyTorch."""
 
 
 def _has_room(pooled: torch.Tensor, nb: int) -> bool:
