@@ -286,23 +286,24 @@ def whole_row_topk(
     rows = (s, kv_tokens - lq, k.shape[2], h, t0, nrows, num_tiles)
     shape = dict(HP=max(16, next_pow2(h)), D=d, BLOCK_N=block_n, RELU=relu, CAUSAL=causal, POS_MULT=pos_mult, FORCE_ENDS=force_ends,
                  HAS_TILES=tiles is not None, TMA=desc_k is not None)
-    select = dict(TOPK=topk, KP=next_pow2(topk), NP=np_, SUB=min(SELECT_CHUNK, np_), SORT=tiles is not None and not tiles_ascending)
+    select = dict(TOPK=topk, KP=next_pow2(topk), NP=np_, SORT=tiles is not None and not tiles_ascending)
     if splits > 1:
-        per = -(-(width // block_n) // splits)
+        width_tiles = width // block_n
+        per = -(-width_tiles // splits)
         scratch = torch.empty(total, np_, dtype=torch.int32, device=q.device)
         p_tiles = tiles if tiles is not None else scratch
-        _split_score_kernel[(total, -(-(width // block_n) // per))](
+        _split_score_kernel[(total, -(-width_tiles // per))](
             q, k, desc_k, w, p_tiles, scratch, *strides, *rows, per, NP=np_, **shape, num_warps=num_warps, **stages,
         )
         _split_select_kernel[(total,)](
             p_tiles, scratch, out, out.stride(0), out.stride(1), out.stride(2), s, nrows, num_tiles, width,
-            BLOCK_N=block_n, HAS_TILES=tiles is not None, **{**select, "SUB": np_}, num_warps=SELECT_WARPS,
+            BLOCK_N=block_n, HAS_TILES=tiles is not None, SUB=np_, **select, num_warps=SELECT_WARPS,
         )
         return out
     nprog = max(1, min(total, 1 if interpreting() else sm_count(q) * 8))
     scratch = torch.empty(nprog, np_, dtype=torch.int32, device=q.device)
     _whole_row_topk_kernel[(nprog,)](
         q, k, desc_k, w, tiles if tiles is not None else scratch, scratch, out, *strides, out.stride(0), out.stride(1), out.stride(2),
-        *rows, total, nprog, **select, **shape, num_warps=num_warps, **stages,
+        *rows, total, nprog, SUB=min(SELECT_CHUNK, np_), **select, **shape, num_warps=num_warps, **stages,
     )
     return out
