@@ -100,7 +100,7 @@ def compile_split_kernels(tiles: bool, width: int, topk: int = 2048, block_n: in
     score = _compile(whole_row_topk._split_score_kernel, sig, consts, num_warps=4)
     sig = {"p_tiles": "*i32", "p_scr": "*i32", "p_out": "*i32", **{n: "i64" for n in ("s_ob", "s_os", "s_ot")}}
     sig.update({n: "i32" for n in ("S", "NT_ROWS", "NUM_TILES", "N_SLOTS")})
-    consts = dict(TOPK=topk, KP=next_pow2(topk), NP=width, SUB=min(whole_row_topk.SELECT_CHUNK, width), BLOCK_N=block_n, HAS_TILES=tiles, SORT=False)
+    consts = dict(TOPK=topk, KP=next_pow2(topk), NP=width, SUB=width, BLOCK_N=block_n, HAS_TILES=tiles, SORT=False)
     return score, _compile(whole_row_topk._split_select_kernel, sig, consts, num_warps=whole_row_topk.SELECT_WARPS)
 
 
