@@ -409,8 +409,8 @@ def indexer_topk(
     if row_block > 1:
         args = (relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, row_block, num_warps, num_stages)
         return _rows_launch(q, k, desc_k, w, topk, *args, out)
-    # A split sees at most ``per_split`` keys, so keeping that many of each is already exact: short
-    # splits (HISA's 8192 candidates over 16 programs) keep 512, not ``topk``, and merge less.
+    # A split sees at most ``per_split`` keys, so keeping that many of each is already exact: splits
+    # shorter than ``topk`` (e.g. a 9,000-key decode row over 17 programs, top-2048) keep theirs, and merge less.
     per_split = -(-(num_tiles if tiles is not None else -(-lkv // block_n)) // splits) * block_n
     keep = min(topk, per_split) if splits > 1 else topk
     chunk, cap, keep_max = _buffer_shape(keep, block_n)
