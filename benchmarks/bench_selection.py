@@ -22,11 +22,14 @@ FlashMoBA's B=128/top-8):
   ``blocksieve.attend``; FlexAttention if the Triton kernel fails) and ``dense_cudnn`` (PyTorch
   SDPA restricted to the cuDNN backend).
 
-Quest is timed as one decode step (``q_len = 1``) against the whole cache, next to dense SDPA
-decode. Median of 10 CUDA-event timings after one warm-up. Writes ``$OUT/selection_h200.json``
-(copied to ``benchmarks/results/selection_h200.json``).
+Quest is timed as one decode step (``q_len = 1``) against the whole cache (its state holding the
+bounds of the cache but its last key), eager and from a CUDA graph, next to its PyTorch path
+(``backend="torch"``, with ``rows_equal_torch_path``), ``blocksieve.attend`` on its layout and dense
+SDPA decode. Median of 10 CUDA-event timings after one warm-up. Writes
+``$OUT/selection_<gpu>.json`` (e.g. ``benchmarks/results/selection_h200.json``).
 
-Usage: ``python benchmarks/bench_selection.py [--lengths 32768,131072] [--out DIR]``
+Usage: ``python benchmarks/bench_selection.py [--lengths 32768,131072] [--methods moba,...|""] [--out DIR]``
+(``--methods ""``: the reference rows and Quest only)
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ def main():
         fn, backend = attend_fn(q, k, v, lay)
         row["sparse_10pct"] = dict(ms=timed(fn), density=density(lay), backend=backend)
         print(f"[{time.time() - t0:5.0f}s] L={length} dense {row['dense_cudnn']['ms']:.2f} ms, sparse10% {row['sparse_10pct']['ms']:.2f} ms ({backend})", flush=True)
-        for name in args.methods.split(","):
+        for name in filter(None, args.methods.split(",")):
             meth, cfg = METHODS[name]
             m = blocksieve.method(meth, **cfg)
             try:
@@ -245,21 +248,30 @@ def main():
             torch.cuda.empty_cache()
             res["lengths"][str(length)] = row
             out_path.write_text(json.dumps(res, indent=1))
-        # Quest: one decode step against the whole cache.
+        # Quest: one decode step against the whole cache (the state holds the bounds of all but the last key).
         qt = q[:, :, -1:]
         m = blocksieve.method("quest")
         try:
             state = m.select_step(qt, k[:, :, :-1], None)[1]
             lay = m.select_step(qt, k, state)[0]
-            row["quest_decode"] = dict(
+            ref = blocksieve.method("quest", backend="torch").select(qt, k)
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)  # noqa: E731
+            entry = dict(
                 select_ms=timed(lambda: m.select_step(qt, k, state)),
+                select_graph_ms=graph_timed(lambda: m.select_step(qt, k, state)),
                 select_fresh_ms=timed(lambda: m.select(qt, k)),
+                torch_path_select_ms=timed(lambda: blocksieve.method("quest", backend="torch").select_step(qt, k, state)),
+                rows_equal_torch_path=float((lay.indices == ref.indices).all(-1).float().mean()) if lay.shape == ref.shape else 0.0,
                 attend_ms=timed(lambda: blocksieve.attend(qt, k, v, lay)),
+                attend_graph_ms=graph_timed(lambda: blocksieve.attend(qt, k, v, lay)),
                 density=density(lay),
-                dense_sdpa_decode_ms=timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v, enable_gqa=True)),
+                dense_sdpa_decode_ms=timed(sdpa),
+                dense_sdpa_decode_graph_ms=graph_timed(sdpa),
             )
+            entry["select_plus_attend_graph_vs_dense_graph"] = (entry["select_graph_ms"] + entry["attend_graph_ms"]) / entry["dense_sdpa_decode_graph_ms"]
+            row["quest_decode"] = entry
         except Exception as e:  # noqa: BLE001
-            row["quest_decode"] = dict(error=f"{type(e).__name__}: {e}"[:400])
+            row["quest_decode"] = dict(error=error_text(e))
         print(f"[{time.time() - t0:5.0f}s] L={length} quest: {row['quest_decode']}", flush=True)
         res["lengths"][str(length)] = row
         out_path.write_text(json.dumps(res, indent=1))

@@ -136,9 +136,18 @@ def page_upper_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) ->
 
     ``q [B, Hq, M, D]``, ``kmin/kmax [B, Hkv, P, D]`` → ``[B, Hq, M, P]`` fp32.
     """
-    qf = q.float()
-    # max(q·hi, q·lo) per channel is q·hi where q >= 0 and q·lo elsewhere (lo <= hi): two matmuls.
-    return grouped_dot(qf.clamp_min(0), kmax) + grouped_dot(qf.clamp_max(0), kmin)
+    return grouped_dot(bound_query(q.float()), torch.cat([kmax, kmin], -1))
+
+
+def bound_query(q: torch.Tensor) -> torch.Tensor:
+    """``[relu(q) ‖ min(q, 0)]``, ``[..., D]`` → ``[..., 2D]`` in ``q``'s dtype (exact).
+
+    ``max(q_d·max_d, q_d·min_d)`` is ``q_d·max_d`` where ``q_d >= 0`` and ``q_d·min_d`` elsewhere
+    (``min_d <= max_d``), so :func:`page_upper_bound` is the dot product of this with a page's
+    ``[max ‖ min]`` key (``pool_keys(k, page, "bounds")``): Quest's page scores are an ordinary
+    linear indexer over pages.
+    """
+    return torch.cat([q.clamp_min(0), q.clamp_max(0)], -1)
 
 
 LSE_CHUNK_ELEMENTS = 1 << 26

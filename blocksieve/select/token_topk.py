@@ -24,6 +24,7 @@ import torch
 
 from blocksieve.layout import TokenLayout
 from blocksieve.select.indexer import Indexer, candidate_scores, chunk_rows, dense_scores
+from blocksieve.select.pool import minmax_pool
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -37,19 +38,34 @@ def _use_triton(ix: Indexer, backend: str) -> bool:
     return backend == "triton"
 
 
-def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
-    """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d]`` blocks (``"mean"`` or ``"max"``), in ``k``'s dtype.
+POOL_MODES = ("mean", "max", "bounds")
+"""Key pooling of :func:`pool_keys`: ``"bounds"`` is each block's channel max then min (Quest's page bounds)."""
 
-    The last, partial block pools only the keys it has.
+
+def pooled_dim(d: int, mode: str) -> int:
+    """Width of a pooled key of ``d``-channel keys: ``2d`` for ``"bounds"`` (max ‖ min), else ``d``."""
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool={mode!r} is not one of {POOL_MODES}")
+    return 2 * d if mode == "bounds" else d
+
+
+def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
+    """Pool keys ``[B, S, L, d]`` into ``[B, S, ceil(L / block), d']`` blocks, in ``k``'s dtype.
+
+    ``mode``: ``"mean"``, ``"max"`` (channel-wise; ``d' = d``) or ``"bounds"`` (channel max then
+    channel min, ``d' = 2d``: the bound ``relu(q)·max + min(q, 0)·min >= q·k`` of every key of the
+    block is one dot product, see :func:`blocksieve.select.score.bound_query`). The last, partial
+    block pools only the keys it has. Maxima and minima of ``k``'s values are exact in its dtype.
     """
     return _pool(k, block, mode).to(k.dtype)
 
 
 def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """:func:`pool_keys` before the cast: means in fp32. Keys of one block (a decode step's
-    re-pooled last block) take one reduction kernel."""
-    if mode not in ("mean", "max"):
-        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
+    re-pooled last block) take one reduction kernel per statistic."""
+    if pooled_dim(1, mode) == 2:
+        lo, hi = minmax_pool(k, block)
+        return torch.cat([hi, lo], -1)
     b, s, n, d = k.shape
     if 0 < n <= block:
         return k.mean(2, keepdim=True, dtype=torch.float32) if mode == "mean" else k.amax(2, keepdim=True)
@@ -63,7 +79,9 @@ def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
 
 
 def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
-    """Pooled keys ``[B, S, ceil(L / block), d]`` of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
+    """Pooled keys ``[B, S, ceil(L / block), d']`` of the cache ``k [B, S, L, d]`` given those of its first ``n_pooled`` keys.
+
+    ``mode`` and ``d'`` as in :func:`pool_keys`.
 
     Decode: only the blocks from ``n_pooled // block`` on are pooled again (on CUDA, blocks of at
     most :data:`POOL_KERNEL_MAX_BLOCK` keys by :func:`blocksieve.ops.pool_blocks.pool_blocks_into`,
@@ -73,14 +91,13 @@ def update_pooled(pooled: Optional[torch.Tensor], n_pooled: int, k: torch.Tensor
     ``ceil(L / block)`` blocks is returned, the same storage while the room lasts). So the
     ``pooled`` passed in must not be used after the call: its last block may have changed.
     """
-    if mode not in ("mean", "max"):
-        raise ValueError(f"pool={mode!r} is not 'mean' or 'max'")
-    b, s, n, d = k.shape
+    b, s, n, _ = k.shape
+    d = pooled_dim(k.shape[3], mode)
     nb = -(-n // block)
     first = n_pooled // block if pooled is not None else 0
     if pooled is not None and (pooled.shape[:2] != (b, s) or pooled.shape[3] != d or pooled.shape[2] < first):
         raise ValueError(
-            f"pooled {tuple(pooled.shape)} must be [B={b}, S={s}, >= {first}, d={d}] (the pooled keys of k's first "
+            f"pooled {tuple(pooled.shape)} must be [B={b}, S={s}, >= {first}, d'={d}] (the {mode} pooled keys of k's first "
             f"n_pooled={n_pooled} keys): pass the tensor the previous update_pooled returned"
         )
     if pooled is not None and _has_room(pooled, nb):

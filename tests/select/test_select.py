@@ -19,7 +19,7 @@ from blocksieve.select.force import own_segment_blocks
 from blocksieve.select.gqa import group_scores
 from blocksieve.select.pool import antidiagonal_pool, causal_key_conv, max_pool, mean_pool, minmax_pool, sample_pool
 from blocksieve.select.reorder import apply_permutation, invert_permutation, segment_sort
-from blocksieve.select.score import block_logsumexp, grouped_dot, last_rows_probs, masked_softmax, page_upper_bound, slash_sums
+from blocksieve.select.score import block_logsumexp, bound_query, grouped_dot, last_rows_probs, masked_softmax, page_upper_bound, slash_sums
 
 
 @pytest.mark.parametrize("length,block", [(100, 16), (64, 16), (7, 4)], ids=["L100-b16", "L64-b16", "L7-b4"])
@@ -68,6 +68,7 @@ def test_scores_match_loops():
             want = torch.stack([torch.maximum(q[0, h, i] * hi[0, h // 2, p], q[0, h, i] * lo[0, h // 2, p]).sum() for i in range(6)])
             assert torch.allclose(ub[0, h, :, p], want, atol=1e-5)
             assert bool(((q[0, h] @ keys.T).amax(-1) <= ub[0, h, :, p] + 1e-5).all())
+    assert torch.equal(bound_query(q), torch.cat([q.clamp(min=0), q.clamp(max=0)], -1))
     row = torch.tensor([[float("-inf"), float("-inf")]])
     assert torch.equal(masked_softmax(row), torch.zeros(1, 2))
 

@@ -89,15 +89,16 @@ def test_hisa_is_exact_dsa_when_prefix_fits():
 
 def test_pool_keys_and_incremental_update():
     k = torch.randn(2, 3, 21, 4)
-    mean, mx = pool_keys(k, 8, "mean"), pool_keys(k, 8, "max")
-    assert mean.shape == (2, 3, 3, 4)
+    mean, mx, bounds = pool_keys(k, 8, "mean"), pool_keys(k, 8, "max"), pool_keys(k, 8, "bounds")
+    assert mean.shape == (2, 3, 3, 4) and bounds.shape == (2, 3, 3, 8)
     assert torch.allclose(mean[:, :, 2], k[:, :, 16:].mean(2)) and torch.equal(mx[:, :, 1], k[:, :, 8:16].amax(2))
-    for mode, want in (("mean", mean), ("max", mx)):
+    assert torch.equal(bounds[:, :, 2], torch.cat([k[:, :, 16:].amax(2), k[:, :, 16:].amin(2)], -1))
+    for mode, want in (("mean", mean), ("max", mx), ("bounds", bounds)):
         for n0 in (0, 5, 16, 20, 21):  # 16, 20, 21: only the last block is pooled again (one reduction)
             got = update_pooled(pool_keys(k[:, :, :n0], 8, mode) if n0 else None, n0, k, 8, mode)
             assert got.shape == want.shape and torch.allclose(got, want), (mode, n0)
     k16 = torch.randn(1, 2, 24, 4, dtype=torch.bfloat16)  # a whole number of blocks, bf16
-    for mode in ("mean", "max"):
+    for mode in ("mean", "max", "bounds"):
         want = pool_keys(k16, 8, mode)
         for n0 in (23, 24):
             got = update_pooled(pool_keys(k16[:, :, :n0], 8, mode), n0, k16, 8, mode)
