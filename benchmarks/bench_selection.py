@@ -25,7 +25,9 @@ FlashMoBA's B=128/top-8):
 Quest is timed as one decode step (``q_len = 1``) against the whole cache (its state holding the
 bounds of the cache but its last key), eager and from a CUDA graph, next to its PyTorch path
 (``backend="torch"``, with ``rows_equal_torch_path``), ``blocksieve.attend`` on its layout and dense
-SDPA decode. Median of 10 CUDA-event timings after one warm-up. Writes
+SDPA decode; ``timeline`` lists the GPU kernels of one step. TokenSelect (``tokenselect``): prefill
+selection, its peak extra memory, attention on its layout and end to end; a decode step that votes
+and one that hits its selection cache. Median of 10 CUDA-event timings after one warm-up. Writes
 ``$OUT/selection_<gpu>.json`` (e.g. ``benchmarks/results/selection_h200.json``).
 
 Usage: ``python benchmarks/bench_selection.py [--lengths 32768,131072] [--methods moba,...|""] [--out DIR]``
@@ -47,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import blocksieve  # noqa: E402
+from benchmarks.bench_indexer import kernel_timeline  # noqa: E402
 from benchmarks.common import device_tag  # noqa: E402
 from blocksieve.layout import BlockLayout, causal_block_mask  # noqa: E402
 
@@ -176,6 +179,31 @@ def plan_fn(m, q, k):
     return (lambda: m.plan(q, k)) if hasattr(m, "plan") else (lambda: m.select(q, k))
 
 
+def tokenselect_entry(q, k, v, dense_ms):
+    """TokenSelect at its defaults: prefill selection (peak extra memory too), attention on its
+    TokenLayout, end to end; one decode step that votes (fresh state) and one that reuses the
+    cached top-k (the same query again: a cache hit), with attention on the step's layout."""
+    m = blocksieve.method("tokenselect")
+    qt = q[:, :, -1:]
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        lay = m.select(q, k)
+        entry = dict(select_peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20, select_ms=timed(lambda: m.select(q, k), 5))
+        entry["attend_ms"] = timed(lambda: blocksieve.attend(q, k, v, lay), 5)
+        del lay
+        entry["e2e_ms"] = timed(lambda: m(q, k, v), 5)
+        entry["e2e_vs_dense"] = entry["e2e_ms"] / dense_ms
+        step, state = m.select_step(qt, k, None)
+        entry["decode_vote_ms"] = timed(lambda: m.select_step(qt, k, None))
+        entry["decode_cache_hit_ms"] = timed(lambda: m.select_step(qt, k, state))
+        entry["decode_attend_ms"] = timed(lambda: blocksieve.attend(qt, k, v, step))
+        return entry
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        return dict(error=error_text(e))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,131072")
@@ -268,11 +296,14 @@ def main():
                 dense_sdpa_decode_ms=timed(sdpa),
                 dense_sdpa_decode_graph_ms=graph_timed(sdpa),
             )
+            entry["timeline"] = kernel_timeline(lambda: m.select_step(qt, k, state))
             entry["select_plus_attend_graph_vs_dense_graph"] = (entry["select_graph_ms"] + entry["attend_graph_ms"]) / entry["dense_sdpa_decode_graph_ms"]
             row["quest_decode"] = entry
         except Exception as e:  # noqa: BLE001
             row["quest_decode"] = dict(error=error_text(e))
         print(f"[{time.time() - t0:5.0f}s] L={length} quest: {row['quest_decode']}", flush=True)
+        row["tokenselect"] = tokenselect_entry(q, k, v, row["dense_cudnn"]["ms"])
+        print(f"[{time.time() - t0:5.0f}s] L={length} tokenselect: {row['tokenselect']}", flush=True)
         res["lengths"][str(length)] = row
         out_path.write_text(json.dumps(res, indent=1))
         del q, k, v

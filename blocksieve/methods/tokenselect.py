@@ -14,6 +14,13 @@ head); ``"group"`` votes per KV group. Decode cache: the last top-k is reused wh
 between the current and the cached fingerprint (all heads flattened, per sequence) is
 ``>= cache_threshold = 0.9``; ``state["hits"] / state["steps"]`` is the hit rate. Deciding whether to
 recompute costs one host sync per step (as in the paper's implementation).
+
+Cost: prefill votes for all chunks at once, in groups of chunks holding at most
+:data:`VOTE_ELEMENTS` fp32 logits (``B · Hq · chunks · Lkv``); on CUDA the fingerprints meet the
+keys in their half precision with fp32 accumulation and output (no fp32 copy of the cache). The
+rows are written straight into the layout (every row of a chunk shares its top-k; a chunk's top-k
+is sorted once), and only the first rows, whose windows or candidate sets are not yet full, are
+normalised by a sort. ``scope="all"`` returns one index set viewed by every KV head (no per-head copy).
 """
 
 from __future__ import annotations
@@ -22,10 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from blocksieve.layout import TokenLayout, query_positions
+from blocksieve.layout import TokenLayout
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
 from blocksieve.ops.checks import resolve_scale
+from blocksieve.select.pool import block_mean
+from blocksieve.select.score import grouped_dot, masked_softmax
+from blocksieve.select.token_topk import expand_heads
+
+VOTE_ELEMENTS = 1 << 26
+"""Most fp32 vote logits (``B · Hq · chunks · candidates``) one group of chunks holds (256 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,20 @@ class TokenSelectConfig:
     chunk: int = 512
     scope: str = "all"
     cache_threshold: float = 0.9
+
+
+def vote_logits(fp: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · fp · kᵀ`` per KV group: ``fp [B, Hq, C, D]``, ``k [B, Hkv, N, D]`` → ``[B, Hq, C, N]`` fp32.
+
+    CUDA half-precision keys are multiplied as stored, with fp32 accumulation and output (no
+    fp32 copy of the keys, no rounded logits); otherwise in fp32.
+    """
+    b, hq, c, d = fp.shape
+    hkv, n = k.shape[1], k.shape[2]
+    if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
+        a = fp.to(k.dtype).reshape(b * hkv, hq // hkv * c, d)
+        return torch.bmm(a, k.flatten(0, 1).transpose(1, 2), out_dtype=torch.float32).reshape(b, hq, c, n) * scale
+    return grouped_dot(fp, k, scale)
 
 
 @register
@@ -54,69 +81,99 @@ class TokenSelect(SparseMethod):
         if c.scope not in ("all", "group"):
             raise ValueError(f"scope={c.scope!r} is not 'all' or 'group'")
 
-    def _vote(self, fp: torch.Tensor, k: torch.Tensor, p0: int) -> torch.Tensor:
-        """Top-k candidate ids for fingerprints ``fp [B, Hq, D]`` at chunk start ``p0``: ``[B, Hs, topk]``, -1 padded."""
+    def _ends(self, first: int, chunk: int, n: int) -> list:
+        """End (exclusive) of the candidates ``[init, end)`` of ``n`` chunks, chunk ``i`` starting at position ``first + i·chunk``."""
         c = self.config
-        b, hq, d = fp.shape
-        hkv = k.shape[1]
-        hs = 1 if c.scope == "all" else hkv
-        lo, hi = c.init, max(c.init, p0 - c.local + 1)
-        if hi == lo:
-            return torch.full((b, hs, c.topk), -1, dtype=torch.int64, device=fp.device)
-        kc = k[:, :, lo:hi].float()  # [B, Hkv, N, D]
-        logits = torch.einsum("bkgd,bknd->bkgn", fp.float().reshape(b, hkv, hq // hkv, d), kc) * resolve_scale(None, d)
-        votes = torch.softmax(logits, -1).reshape(b, hs, -1, hi - lo).sum(2)  # [B, Hs, N]
-        n = min(c.topk, hi - lo)
-        top = votes.topk(n, -1).indices + lo
-        return torch.nn.functional.pad(top, (0, c.topk - n), value=-1)
+        return [max(c.init, first + i * chunk - c.local + 1) for i in range(n)]
 
-    def _rows(self, top: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Indices of rows at positions ``pos [C]`` given their top-k ``[B, Hs, topk]`` → ``[B, Hs, C, K]``."""
+    def _vote(self, fp: torch.Tensor, k: torch.Tensor, first: int, chunk: int) -> torch.Tensor:
+        """Top-k candidates of chunks with fingerprints ``fp [B, Hq, C, D]``, chunk ``i`` starting at position ``first + i·chunk``.
+
+        Returns int32 ``[B, Hs, C, topk]``: each chunk's ids ascending, -1 padded (chunks with
+        fewer candidates than ``topk``).
+        """
         c = self.config
-        init = torch.arange(c.init, device=pos.device).expand(pos.shape[0], -1)
-        local = pos[:, None] - torch.arange(c.local, device=pos.device)
-        local = torch.where(local >= c.init, local, -1)
-        fixed = torch.cat([init, local], 1)  # [C, init + local]
-        b, hs = top.shape[:2]
-        return torch.cat([top[:, :, None].expand(b, hs, pos.shape[0], -1), fixed.expand(b, hs, -1, -1)], -1)
+        b, hq, nc, d = fp.shape
+        hs = 1 if c.scope == "all" else k.shape[1]
+        ends = self._ends(first, chunk, nc)
+        out = torch.full((b, hs, nc, c.topk), -1, dtype=torch.int32, device=fp.device)
+        step = max(1, VOTE_ELEMENTS // max(1, b * hq * (max(ends) - c.init)))
+        for c0 in range(0, nc, step):
+            c1 = min(nc, c0 + step)
+            n = max(ends[c0:c1]) - c.init
+            if n == 0:
+                continue
+            logits = vote_logits(fp[:, :, c0:c1], k[:, :, c.init : c.init + n], resolve_scale(None, d))  # [B, Hq, C', N]
+            p0 = first + torch.arange(c0, c1, device=fp.device) * chunk
+            end = (p0 - c.local + 1).clamp(min=c.init) - c.init  # [C'] (no host-to-device copy: capturable)
+            out_of = torch.arange(n, device=fp.device)[None, :] >= end[:, None]  # [C', N] not a candidate
+            votes = masked_softmax(logits.masked_fill(out_of, float("-inf"))).reshape(b, hs, -1, c1 - c0, n).sum(2)
+            vals, ids = votes.masked_fill(out_of, float("-inf")).topk(min(c.topk, n), -1)
+            ids = torch.where(vals > float("-inf"), ids + c.init, torch.iinfo(torch.int32).max)
+            top = ids.sort(-1).values
+            out[..., c0:c1, : top.shape[-1]] = torch.where(top < torch.iinfo(torch.int32).max, top, -1).to(torch.int32)
+        return out
 
-    def _layout(self, rows: torch.Tensor, q_len: int, kv_len: int, hkv: int) -> TokenLayout:
-        lay = TokenLayout.from_topk(rows, q_len, kv_len, True)
-        idx = lay.indices.expand(-1, hkv, -1, -1).contiguous() if lay.indices.shape[1] != hkv else lay.indices
-        return TokenLayout(idx, q_len, kv_len, True)
+    def _rows(self, top: torch.Tensor, q_len: int, kv_len: int, chunk: int) -> TokenLayout:
+        """Layout of ``q_len`` rows in chunks of ``chunk`` from their chunks' top-k ``[B, Hs, C, topk]`` (ascending).
+
+        Row ``t`` at position ``p``: ``[0, init) ∪ top ∪ [p - local + 1, p]``, the three parts
+        disjoint and in order, so a row with no -1 inside (full windows and a full top-k) is
+        ascending as written. The first rows, which have -1s inside, are sorted (-1 last).
+        """
+        c = self.config
+        b, hs, nc, kk = top.shape
+        dev = top.device
+        width = c.init + kk + c.local
+        rows = torch.empty(b, hs, nc, chunk, width, dtype=torch.int32, device=dev)
+        pos = torch.arange(nc * chunk, device=dev) + (kv_len - q_len)  # [C · chunk]; rows past q_len are dropped
+        init = torch.arange(c.init, device=dev)
+        rows[..., : c.init] = torch.where(init <= pos[:, None], init, -1).view(nc, chunk, c.init)
+        rows[..., c.init : c.init + kk] = top[:, :, :, None, :]
+        local = pos[:, None] - c.local + 1 + torch.arange(c.local, device=dev)
+        rows[..., c.init + kk :] = torch.where(local >= c.init, local, -1).view(nc, chunk, c.local)
+        rows = rows.view(b, hs, nc * chunk, width)[:, :, :q_len]
+        first = kv_len - q_len
+        clean = [e - c.init >= kk and first + i * chunk >= c.init + c.local - 1 for i, e in enumerate(self._ends(first, chunk, nc))]
+        n_fix = min(q_len, (clean.index(True) if True in clean else nc) * chunk)  # rows before the first clean chunk
+        if n_fix:  # -1s inside these rows: sort them last
+            head = rows[:, :, :n_fix]
+            big = torch.iinfo(torch.int32).max
+            srt = torch.where(head < 0, big, head).sort(-1).values
+            head.copy_(torch.where(srt == big, -1, srt))
+        return TokenLayout(rows, q_len, kv_len, True)
+
+    def _layout(self, layout: TokenLayout, hkv: int) -> TokenLayout:
+        """One index set per KV head: ``scope="all"``'s single set is viewed by every head (no copy)."""
+        return expand_heads(layout, hkv)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> TokenLayout:
         """Chunked prefill selection: ``TokenLayout [B, Hkv, Lq, init + topk + local]``."""
         c = self.config
         lq, lkv = q.shape[2], k.shape[2]
-        pos = query_positions(lq, lkv, q.device)
-        parts = []
-        for r0 in range(0, lq, c.chunk):
-            r1 = min(lq, r0 + c.chunk)
-            top = self._vote(q[:, :, r0:r1].mean(2), k, lkv - lq + r0)
-            parts.append(self._rows(top, pos[r0:r1], lkv))
-        return self._layout(torch.cat(parts, 2), lq, lkv, k.shape[1])
+        fp = block_mean(q, c.chunk)  # [B, Hq, C, D] fp32: each chunk's mean query (a last chunk over its rows)
+        top = self._vote(fp, k, lkv - lq, c.chunk)
+        return self._layout(self._rows(top, lq, lkv, c.chunk), k.shape[1])
 
     def select_step(self, q: torch.Tensor, k: torch.Tensor, state=None) -> tuple:
         """Decode: ``q [B, Hq, Lq, D]`` (one chunk) against the cache ``k``; reuses the cached top-k on a hit."""
         c = self.config
         state = dict(state or {"hits": 0, "steps": 0})
         lq, lkv = q.shape[2], k.shape[2]
-        pos = query_positions(lq, lkv, q.device)
-        fp = q.mean(2)  # [B, Hq, D]
+        fp = q.mean(2, keepdim=True, dtype=torch.float32)  # [B, Hq, 1, D]
         b = fp.shape[0]
         if "fp" in state:
-            cos = torch.nn.functional.cosine_similarity(fp.reshape(b, -1).float(), state["fp"].reshape(b, -1).float(), dim=-1)
+            cos = torch.nn.functional.cosine_similarity(fp.reshape(b, -1), state["fp"].reshape(b, -1), dim=-1)
             hit = cos >= c.cache_threshold  # [B]
         else:
             hit = torch.zeros(b, dtype=torch.bool, device=q.device)
         if bool(hit.all()):
             top = state["top"]
         else:
-            new = self._vote(fp, k, lkv - lq)
-            top = torch.where(hit[:, None, None], state["top"], new) if "top" in state else new
-            state["fp"] = torch.where(hit[:, None, None], state["fp"], fp) if "fp" in state else fp
+            new = self._vote(fp, k, lkv - lq, lq)
+            top = torch.where(hit[:, None, None, None], state["top"], new) if "top" in state else new
+            state["fp"] = torch.where(hit[:, None, None, None], state["fp"], fp) if "fp" in state else fp
         state["top"] = top
         state["hits"] += int(hit.sum())
         state["steps"] += b
-        return self._layout(self._rows(top, pos, lkv), lq, lkv, k.shape[1]), state
+        return self._layout(self._rows(top, lq, lkv, lq), k.shape[1]), state

@@ -1,12 +1,14 @@
 """``tokenselect``: brute-force soft vote per chunk, windows, and the decode selection cache."""
 
+import pytest
 import torch
 
 import blocksieve
+from blocksieve.methods import tokenselect
 
 
-def brute_rows(q, k, cfg):
-    """Loop version of the rule: per chunk, per candidate key, Σ_h softmax over candidates."""
+def brute_rows(q, k, cfg, heads=None):
+    """Loop version of the rule: per chunk, per candidate key, Σ_h softmax over candidates (``heads``: the voters, default all)."""
     _, hq, lq, d = q.shape
     lkv = k.shape[2]
     g = hq // k.shape[1]
@@ -17,7 +19,7 @@ def brute_rows(q, k, cfg):
         fp = q[0, :, c0 : min(lq, c0 + cfg["chunk"])].mean(1)  # [Hq, D]
         cand = list(range(cfg["init"], max(cfg["init"], p0 - cfg["local"] + 1)))
         votes = torch.zeros(len(cand))
-        for h in range(hq):
+        for h in heads if heads is not None else range(hq):
             if cand:
                 votes += torch.softmax(torch.stack([fp[h] @ k[0, h // g, s] for s in cand]) / d**0.5, 0)
         top = [cand[i] for i in votes.argsort(descending=True)[: cfg["topk"]]]
@@ -26,12 +28,16 @@ def brute_rows(q, k, cfg):
     return rows
 
 
-def test_prefill_matches_brute_force():
+@pytest.mark.parametrize("lkv,vote_elements", [(40, 1 << 26), (80, 1 << 26), (80, 700)], ids=["short", "long", "long-chunk-groups"])
+def test_prefill_matches_brute_force(lkv, vote_elements, monkeypatch):
+    """``short``: the first chunks' windows and candidate sets are not full (rows sorted);
+    ``long``: every row as written; ``long-chunk-groups``: votes in groups of one or two chunks."""
+    monkeypatch.setattr(tokenselect, "VOTE_ELEMENTS", vote_elements)
     cfg = dict(topk=5, init=3, local=6, chunk=8)
-    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 40, 16)
+    q, k = torch.randn(1, 4, 30, 16), torch.randn(1, 2, lkv, 16)
     lay = blocksieve.method("tokenselect", **cfg).select(q, k)
     lay.validate()
-    assert lay.indices.shape[:3] == (1, 2, 30)
+    assert lay.indices.shape == (1, 2, 30, 3 + 5 + 6)
     for t, want in enumerate(brute_rows(q, k, cfg)):
         row = lay.indices[0, 0, t]
         assert row[row >= 0].tolist() == want, t
@@ -60,6 +66,13 @@ def test_decode_cache_reuses_and_counts_hits():
 
 
 def test_group_scope_votes_per_kv_head():
-    q, k = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16)
-    lay = blocksieve.method("tokenselect", topk=3, init=1, local=2, chunk=4, scope="group").select(q, k)
-    assert lay.indices.shape[1] == 2
+    cfg = dict(topk=3, init=1, local=2, chunk=4)
+    q, k = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 26, 16)
+    lay = blocksieve.method("tokenselect", scope="group", **cfg).select(q, k)
+    lay.validate()
+    assert lay.indices.shape[:2] == (2, 2)
+    for b in range(2):
+        for h in range(2):
+            for t, want in enumerate(brute_rows(q[b : b + 1], k[b : b + 1], cfg, heads=[2 * h, 2 * h + 1])):
+                row = lay.indices[b, h, t]
+                assert row[row >= 0].tolist() == want, (b, h, t)
