@@ -181,8 +181,10 @@ def plan_fn(m, q, k):
 
 def tokenselect_entry(q, k, v, dense_ms):
     """TokenSelect at its defaults: prefill selection (peak extra memory too), attention on its
-    TokenLayout, end to end; one decode step that votes (fresh state) and one that reuses the
-    cached top-k (the same query again: a cache hit), with attention on the step's layout."""
+    TokenLayout (``attend_ms``; with the selection ``e2e_layout_ms``), end to end through ``m(q, k, v)``
+    (shared keys per chunk plus windows; its peak memory and its largest difference from the layout's
+    attention); one decode step that votes (fresh state) and one that reuses the cached top-k (the
+    same query again: a cache hit), with attention on the step's layout."""
     m = blocksieve.method("tokenselect")
     qt = q[:, :, -1:]
     try:
@@ -192,7 +194,15 @@ def tokenselect_entry(q, k, v, dense_ms):
         lay = m.select(q, k)
         entry = dict(select_peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20, select_ms=timed(lambda: m.select(q, k), 5))
         entry["attend_ms"] = timed(lambda: blocksieve.attend(q, k, v, lay), 5)
+        entry["e2e_layout_ms"] = timed(lambda: blocksieve.attend(q, k, v, m.select(q, k)), 5)
+        ref = blocksieve.attend(q, k, v, lay)
         del lay
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        got = m(q, k, v)
+        entry["e2e_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        entry["e2e_max_abs_diff_vs_layout_attend"] = float((got.float() - ref.float()).abs().max())
+        del got, ref
         entry["e2e_ms"] = timed(lambda: m(q, k, v), 5)
         entry["e2e_vs_dense"] = entry["e2e_ms"] / dense_ms
         step, state = m.select_step(qt, k, None)

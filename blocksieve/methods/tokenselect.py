@@ -33,6 +33,7 @@ from blocksieve.layout import TokenLayout
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
 from blocksieve.ops.checks import resolve_scale
+from blocksieve.ops.shared_window import shared_window_attention
 from blocksieve.select.pool import block_mean
 from blocksieve.select.score import grouped_dot, masked_softmax
 from blocksieve.select.token_topk import expand_heads
@@ -147,13 +148,30 @@ class TokenSelect(SparseMethod):
         """One index set per KV head: ``scope="all"``'s single set is viewed by every head (no copy)."""
         return expand_heads(layout, hkv)
 
+    def _chunk_tops(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Each prefill chunk's top-k, int32 ``[B, Hs, ceil(Lq / chunk), topk]`` ascending, -1 padded."""
+        c = self.config
+        fp = block_mean(q, c.chunk)  # [B, Hq, C, D] fp32: each chunk's mean query (a last chunk over its rows)
+        return self._vote(fp, k, k.shape[2] - q.shape[2], c.chunk)
+
     def select(self, q: torch.Tensor, k: torch.Tensor) -> TokenLayout:
         """Chunked prefill selection: ``TokenLayout [B, Hkv, Lq, init + topk + local]``."""
+        return self._layout(self._rows(self._chunk_tops(q, k), q.shape[2], k.shape[2], self.config.chunk), k.shape[1])
+
+    def __call__(self, q, k, v, *, scale=None, return_lse=False):
+        """Select, then attend: ``out [B, Hq, Lq, D]`` (or ``(out, lse)``).
+
+        Without ``return_lse`` the rows run as :func:`~blocksieve.ops.shared_window.shared_window_attention`:
+        per chunk the initial window and the chunk's top-k are gathered once and shared by its rows,
+        plus each row's local window; the same keys as :meth:`select`'s layout, computed densely per
+        chunk instead of row by row. With ``return_lse``: :func:`~blocksieve.ops.attend` on the layout.
+        """
+        if return_lse:
+            return super().__call__(q, k, v, scale=scale, return_lse=True)
         c = self.config
-        lq, lkv = q.shape[2], k.shape[2]
-        fp = block_mean(q, c.chunk)  # [B, Hq, C, D] fp32: each chunk's mean query (a last chunk over its rows)
-        top = self._vote(fp, k, lkv - lq, c.chunk)
-        return self._layout(self._rows(top, lq, lkv, c.chunk), k.shape[1])
+        top = self._chunk_tops(q, k)
+        init = torch.arange(c.init, dtype=top.dtype, device=top.device).expand(*top.shape[:3], c.init)
+        return shared_window_attention(q, k, v, torch.cat([init, top], -1), c.chunk, c.local, floor=c.init, scale=scale)
 
     def select_step(self, q: torch.Tensor, k: torch.Tensor, state=None) -> tuple:
         """Decode: ``q [B, Hq, Lq, D]`` (one chunk) against the cache ``k``; reuses the cached top-k on a hit."""

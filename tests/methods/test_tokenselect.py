@@ -5,6 +5,7 @@ import torch
 
 import blocksieve
 from blocksieve.methods import tokenselect
+from blocksieve.ops import shared_window
 
 
 def brute_rows(q, k, cfg, heads=None):
@@ -76,3 +77,20 @@ def test_group_scope_votes_per_kv_head():
             for t, want in enumerate(brute_rows(q[b : b + 1], k[b : b + 1], cfg, heads=[2 * h, 2 * h + 1])):
                 row = lay.indices[b, h, t]
                 assert row[row >= 0].tolist() == want, (b, h, t)
+
+
+@pytest.mark.parametrize("lq,lkv,mask_elements", [(30, 40, 1 << 27), (30, 80, 1 << 27), (29, 80, 3000)], ids=["short", "long", "partial-chunk-groups"])
+@pytest.mark.parametrize("scope", ["all", "group"])
+def test_call_equals_attention_on_the_layout(lq, lkv, mask_elements, scope, monkeypatch):
+    """``m(q, k, v)`` (shared keys per chunk + windows, dense per chunk) equals the exact attention
+    over ``select``'s layout, for short prompts (windows and top-k not full), long ones, a last
+    partial chunk and groups of one chunk; the LSE path goes through the layout."""
+    monkeypatch.setattr(shared_window, "MASK_ELEMENTS", mask_elements)
+    cfg = dict(topk=5, init=3, local=6, chunk=8, scope=scope)
+    q, k, v = torch.randn(2, 4, lq, 16), torch.randn(2, 2, lkv, 16), torch.randn(2, 2, lkv, 16)
+    m = blocksieve.method("tokenselect", **cfg)
+    want, lse = blocksieve.attend(q, k, v, m.select(q, k), backend="reference", return_lse=True)
+    torch.testing.assert_close(m(q, k, v), want, atol=1e-5, rtol=1e-5)
+    got, got_lse = m(q, k, v, return_lse=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, lse, atol=1e-5, rtol=1e-5)
