@@ -1,0 +1,60 @@
+"""Launch options and rows per program of MoBA's gate kernel (GPU), on bench_selection's inputs.
+
+For each MoBA setting of :mod:`benchmarks.bench_selection` (the paper's 512/top-3 and FlashMoBA's
+128/top-8) and length: the selection (``m.select``: pooling plus the gate kernel) from a CUDA graph
+with :data:`blocksieve.ops.moba_gate.GATE_LAUNCH` set to each ``(num_warps, num_stages)`` and
+:data:`~blocksieve.ops.moba_gate.ROWS` to each rows-per-program target; each variant's layout is
+compared with the default launch's. The bar of the block-methods issue is 10 % of the random
+10 %-density layout's attention time, measured here too. Writes ``$OUT/moba_launch_sweep_<gpu>.json``::
+
+    python -u -m benchmarks.moba_launch_sweep --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import blocksieve
+from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, random_layout, synthetic, timed
+from benchmarks.common import device_tag, environment
+from blocksieve.ops import moba_gate
+
+VARIANTS = [(4, 3, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32), (8, 2, 32), (4, 1, 16), (8, 1, 64), (4, 1, 64)]
+"""``(num_warps, num_stages, ROWS)``; the first is the default."""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        q, k, v = synthetic(length)
+        fn, backend = attend_fn(q, k, v, random_layout(q, k, 0.1))
+        bar = timed(fn) * 0.1
+        for name in ("moba", "moba_b128_top8"):
+            m = blocksieve.method(METHODS[name][0], **METHODS[name][1])
+            ref = None
+            for warps, stages, per in VARIANTS:
+                moba_gate.GATE_LAUNCH, moba_gate.ROWS = dict(num_warps=warps, num_stages=stages), per
+                lay = m.select(q, k)
+                ref = lay.indices.clone() if ref is None else ref
+                ms = graph_timed(lambda: m.select(q, k))
+                rows.append(dict(L=length, method=name, num_warps=warps, num_stages=stages, rows=per, select_graph_ms=ms,
+                                 share_of_sparse10=ms / (bar * 10), bar_ms=bar, same_layout=bool(torch.equal(lay.indices, ref)), attend_backend=backend))
+                print(rows[-1], flush=True)
+        moba_gate.GATE_LAUNCH, moba_gate.ROWS = dict(num_warps=4, num_stages=3), 32
+        torch.cuda.empty_cache()
+    out = Path(args.out) / f"moba_launch_sweep_{device_tag()}.json"
+    out.write_text(json.dumps({"environment": environment(), "variants": VARIANTS, "rows": rows}, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
