@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -68,3 +70,12 @@ def write_result(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
     path = out_dir / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def sweep_args(argv=None) -> tuple:
+    """``(lengths, out_dir)`` of a GPU sweep script's ``--lengths 32768,131072 --out DIR`` (default ``$OUT``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    return [int(x) for x in args.lengths.split(",")], Path(args.out)

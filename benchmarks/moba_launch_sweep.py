@@ -12,16 +12,11 @@ compared with the default launch's. The bar of the block-methods issue is 10 % o
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from pathlib import Path
-
 import torch
 
 import blocksieve
 from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, random_layout, synthetic, timed
-from benchmarks.common import device_tag, environment
+from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.ops import moba_gate
 
 VARIANTS = [(4, 3, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32), (8, 2, 32), (4, 1, 16), (8, 1, 64), (4, 1, 64)]
@@ -29,12 +24,9 @@ VARIANTS = [(4, 3, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32), (8, 2, 32), (4, 1, 1
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="32768,131072")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args(argv)
+    lengths, out_dir = sweep_args(argv)
     rows = []
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in lengths:
         q, k, v = synthetic(length)
         fn, backend = attend_fn(q, k, v, random_layout(q, k, 0.1))
         bar = timed(fn) * 0.1
@@ -51,9 +43,7 @@ def main(argv=None):
                 print(rows[-1], flush=True)
         moba_gate.GATE_LAUNCH, moba_gate.ROWS = dict(num_warps=4, num_stages=3), 32
         torch.cuda.empty_cache()
-    out = Path(args.out) / f"moba_launch_sweep_{device_tag()}.json"
-    out.write_text(json.dumps({"environment": environment(), "variants": VARIANTS, "rows": rows}, indent=1))
-    print("wrote", out)
+    print("wrote", write_result(f"moba_launch_sweep_{device_tag()}.json", {"environment": environment(), "variants": VARIANTS, "rows": rows}, out_dir))
 
 
 if __name__ == "__main__":

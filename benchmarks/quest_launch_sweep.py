@@ -10,15 +10,10 @@ from a CUDA graph (``triton.testing.do_bench_cudagraph``, median). Writes ``$OUT
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-from pathlib import Path
-
 import torch
 import triton
 
-from benchmarks.common import device_tag, environment
+from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.ops.indexer_topk import indexer_topk
 from blocksieve.ops.whole_row_topk import WHOLE_ROW_MAX
 from blocksieve.select.score import bound_query
@@ -26,12 +21,9 @@ from blocksieve.select.token_topk import pool_keys
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="32768,131072")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args(argv)
+    lengths, out_dir = sweep_args(argv)
     rows = []
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in lengths:
         g = torch.Generator(device="cuda").manual_seed(0)
         k = torch.randn(1, 8, length, 128, device="cuda", generator=g).bfloat16()
         q = torch.randn(1, 32, 1, 128, device="cuda", generator=g).bfloat16()
@@ -50,9 +42,7 @@ def main(argv=None):
                                  graph_ms=triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")))
                 print(rows[-1], flush=True)
         first = None
-    out = Path(args.out) / f"quest_launch_sweep_{device_tag()}.json"
-    out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
-    print("wrote", out)
+    print("wrote", write_result(f"quest_launch_sweep_{device_tag()}.json", {"environment": environment(), "rows": rows}, out_dir))
 
 
 if __name__ == "__main__":
