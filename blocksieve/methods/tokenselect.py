@@ -105,6 +105,11 @@ class TokenSelect(SparseMethod):
             if n == 0:
                 continue
             logits = vote_logits(fp[:, :, c0:c1], k[:, :, c.init : c.init + n], resolve_scale(None, d))  # [B, Hq, C', N]
+            if min(ends[c0:c1]) - c.init == n:  # every key a candidate of every chunk (a decode step): no masks
+                votes = torch.softmax(logits, -1).reshape(b, hs, -1, c1 - c0, n).sum(2)
+                top = (votes.topk(min(c.topk, n), -1).indices + c.init).sort(-1).values
+                out[..., c0:c1, : top.shape[-1]] = top
+                continue
             p0 = first + torch.arange(c0, c1, device=fp.device) * chunk
             end = (p0 - c.local + 1).clamp(min=c.init) - c.init  # [C'] (no host-to-device copy: capturable)
             out_of = torch.arange(n, device=fp.device)[None, :] >= end[:, None]  # [C', N] not a candidate
