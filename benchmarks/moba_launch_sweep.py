@@ -19,7 +19,7 @@ from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, random_l
 from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.ops import moba_gate
 
-VARIANTS = [(4, 3, 32), (4, 1, 32), (4, 2, 32), (8, 1, 32), (8, 2, 32), (4, 1, 16), (8, 1, 64), (4, 1, 64)]
+VARIANTS = [(4, 3, 32), (4, 1, 32), (8, 1, 32), (8, 2, 32), (4, 1, 16)]
 """``(num_warps, num_stages, ROWS)``; the first is the default."""
 
 
