@@ -120,12 +120,14 @@ class TokenSelect(SparseMethod):
             out[..., c0:c1, : top.shape[-1]] = torch.where(top < torch.iinfo(torch.int32).max, top, -1).to(torch.int32)
         return out
 
-    def _rows(self, top: torch.Tensor, q_len: int, kv_len: int, chunk: int) -> TokenLayout:
+    def _rows(self, top: torch.Tensor, q_len: int, kv_len: int, chunk: int, full: bool | None = None) -> TokenLayout:
         """Layout of ``q_len`` rows in chunks of ``chunk`` from their chunks' top-k ``[B, Hs, C, topk]`` (ascending).
 
         Row ``t`` at position ``p``: ``[0, init) ∪ top ∪ [p - local + 1, p]``, the three parts
         disjoint and in order, so a row with no -1 inside (full windows and a full top-k) is
         ascending as written. The first rows, which have -1s inside, are sorted (-1 last).
+        ``full``: whether the (one) top-k has no -1, when it was voted at another position (a
+        decode cache hit); by default each chunk's candidate count tells.
         """
         c = self.config
         b, hs, nc, kk = top.shape
@@ -140,7 +142,8 @@ class TokenSelect(SparseMethod):
         rows[..., c.init + kk :] = torch.where(local >= c.init, local, -1).view(nc, chunk, c.local)
         rows = rows.view(b, hs, nc * chunk, width)[:, :, :q_len]
         first = kv_len - q_len
-        clean = [e - c.init >= kk and first + i * chunk >= c.init + c.local - 1 for i, e in enumerate(self._ends(first, chunk, nc))]
+        filled = [e - c.init >= kk if full is None else full for e in self._ends(first, chunk, nc)]
+        clean = [f and first + i * chunk >= c.init + c.local - 1 for i, f in enumerate(filled)]
         n_fix = min(q_len, (clean.index(True) if True in clean else nc) * chunk)  # rows before the first clean chunk
         if n_fix:  # -1s inside these rows: sort them last
             head = rows[:, :, :n_fix]
@@ -194,9 +197,11 @@ class TokenSelect(SparseMethod):
             top = state["top"]
         else:
             new = self._vote(fp, k, lkv - lq, lq)
+            new_full = self._ends(lkv - lq, lq, 1)[0] - c.init >= c.topk
             top = torch.where(hit[:, None, None, None], state["top"], new) if "top" in state else new
+            state["full"] = state["full"] and new_full if "top" in state and bool(hit.any()) else new_full
             state["fp"] = torch.where(hit[:, None, None, None], state["fp"], fp) if "fp" in state else fp
         state["top"] = top
         state["hits"] += int(hit.sum())
         state["steps"] += b
-        return self._layout(self._rows(top, lq, lkv, lq), k.shape[1]), state
+        return self._layout(self._rows(top, lq, lkv, lq, state["full"]), k.shape[1]), state

@@ -94,3 +94,19 @@ def test_call_equals_attention_on_the_layout(lq, lkv, mask_elements, scope, monk
     got, got_lse = m(q, k, v, return_lse=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, lse, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_cache_hit_after_a_short_prompt_keeps_rows_valid():
+    """A top-k voted while fewer than ``topk`` candidates existed (-1 padded) and reused on later hits:
+    its rows still hold every valid id before the -1s (they are sorted, not written as they are)."""
+    cfg = dict(topk=4, init=2, local=3, chunk=1)
+    q, k = torch.randn(1, 4, 20, 16), torch.randn(1, 2, 20, 16)
+    q[:] = q[:, :, :1]  # one query: every step after the first is a hit
+    m = blocksieve.method("tokenselect", **cfg)
+    state = None
+    for t in range(4, 20):
+        lay, state = m.select_step(q[:, :, t : t + 1], k[:, :, : t + 1], state)
+        lay.validate()
+        row = lay.indices[0, 0, 0]
+        assert set(row[row >= 0].tolist()) == set(range(2)) | set(state["top"][0, 0, 0][state["top"][0, 0, 0] >= 0].tolist()) | set(range(t - 2, t + 1))
+    assert state["hits"] == 15 and not state["full"]
