@@ -63,7 +63,8 @@ def pool_keys(k: torch.Tensor, block: int, mode: str = "mean") -> torch.Tensor:
 def _pool(k: torch.Tensor, block: int, mode: str) -> torch.Tensor:
     """:func:`pool_keys` before the cast: means in fp32. Keys of one block (a decode step's
     re-pooled last block) take one reduction kernel per statistic."""
-    if pooled_dim(1, mode) == 2:
+    pooled_dim(k.shape[3], mode)  # rejects an unknown mode
+    if mode == "bounds":
         lo, hi = minmax_pool(k, block)
         return torch.cat([hi, lo], -1)
     b, s, n, d = k.shape
