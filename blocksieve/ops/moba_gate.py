@@ -45,6 +45,8 @@ ROWS = 32
 """Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
 BN = 64
 """Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
+GATE_LAUNCH = dict(num_warps=4, num_stages=3)
+"""Launch options of the gate kernel (``benchmarks/moba_launch_sweep.py`` times others)."""
 
 
 @triton.jit
@@ -219,6 +221,7 @@ def moba_layout(
         G=g, QT=qt, M=max(16, next_pow2(g * qt)), D=d, DP=dp,
         BLOCK_Q=block_q, BLOCK_K=block_k, MOBA=moba_block, F=f, FP=next_pow2(f),
         K1=k1, SPAN=span, SINK=sink_blocks, CC=max(2, next_pow2(k1 + span + sink_blocks)), W=width, BN=BN if dp <= 128 else BN // 2,
+        **GATE_LAUNCH,
     )
     # fmt: on
     return BlockLayout(idx, cnt, block_q, block_k, lq, lkv, True)
