@@ -20,12 +20,13 @@ from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.ops import moba_gate
 
 VARIANTS = [(4, 3, 32), (4, 1, 32), (8, 1, 32), (8, 2, 32), (4, 1, 16)]
-"""``(num_warps, num_stages, ROWS)``; the first is the default."""
+"""``(num_warps, num_stages, ROWS)``; each layout is compared with the first variant's."""
 
 
 def main(argv=None):
     lengths, out_dir = sweep_args(argv)
     rows = []
+    default = moba_gate.GATE_LAUNCH, moba_gate.ROWS
     for length in lengths:
         q, k, v = synthetic(length)
         fn, backend = attend_fn(q, k, v, random_layout(q, k, 0.1))
@@ -41,7 +42,7 @@ def main(argv=None):
                 rows.append(dict(L=length, method=name, num_warps=warps, num_stages=stages, rows=per, select_graph_ms=ms,
                                  share_of_sparse10=ms / (bar * 10), bar_ms=bar, same_layout=bool(torch.equal(lay.indices, ref)), attend_backend=backend))
                 print(rows[-1], flush=True)
-        moba_gate.GATE_LAUNCH, moba_gate.ROWS = dict(num_warps=4, num_stages=3), 32
+        moba_gate.GATE_LAUNCH, moba_gate.ROWS = default
         torch.cuda.empty_cache()
     print("wrote", write_result(f"moba_launch_sweep_{device_tag()}.json", {"environment": environment(), "variants": VARIANTS, "rows": rows}, out_dir))
 
