@@ -9,6 +9,11 @@ That makes a full sweep cheap. Block choosers compared at equal ``m·B``:
 
 * ``mean`` — HISA: mean-pooled keys (for a linear scorer, the block's mean token score);
 * ``max`` — per-channel max-pooled keys (the paper's suggested variant);
+* ``meanstd`` — ``q·mean + √(2 ln B)·√(Σ_d q_d² var_d)``: the expected best of ``B`` Gaussian token
+  scores with the block's per-channel variances (one more pooled vector per block);
+* ``submax`` — the best of the block's four sub-block means (four pooled keys per block);
+* ``tokenmax`` — the block's best token score (needs every token score: a bound for choosers that
+  rank by the block's best key, not a deployable one);
 * ``oracle`` — the ``m`` blocks holding the most DSA top-k tokens: the best any block chooser of
   that size can do, so ``oracle < 0.99`` means the budget itself is too small.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -46,10 +52,19 @@ def block_orders(qb, kh, scores, pos, block):
     nb = n // block
     blk = torch.arange(nb)
     last = pos // block
-    mean = scores.clamp(min=-1e30).reshape(rows, nb, block).mean(-1)  # future keys only in the forced own block
-    mx = qb @ kh.reshape(nb, block, -1).amax(1).T
+    blocked = scores.clamp(min=-1e30).reshape(rows, nb, block)  # future keys only in the forced own block
+    kb = kh.reshape(nb, block, -1)
+    spread = ((qb**2) @ kb.var(1, unbiased=False).T).sqrt() * math.sqrt(2 * math.log(block))
+    sub = qb @ kh.reshape(nb * 4, block // 4, -1).mean(1).T
+    choosers = {
+        "mean": blocked.mean(-1),
+        "max": qb @ kb.amax(1).T,
+        "meanstd": blocked.mean(-1) + spread,
+        "submax": sub.reshape(rows, nb, 4).amax(-1),
+        "tokenmax": blocked.amax(-1),
+    }
     out = {}
-    for pool, sc in (("mean", mean), ("max", mx)):
+    for pool, sc in choosers.items():
         sc = sc.masked_fill(blk[None] > last[:, None], float("-inf"))
         sc = sc.masked_fill((blk[None] == 0) | (blk[None] == last[:, None]), float("inf"))
         out[pool] = sc.argsort(-1, descending=True)
@@ -123,7 +138,7 @@ def main(argv=None):
         budgets = sorted({r["candidates"] for r in sub})
         print(f"k={kk}  m*B:" + "".join(f"{c:8d}" for c in budgets))
         for b in BLOCKS:
-            for pool in ("mean", "max", "oracle"):
+            for pool in ("mean", "max", "meanstd", "submax", "tokenmax", "oracle"):
                 got = {r["candidates"]: r["iou"] for r in sub if r["block"] == b and r["pool"] == pool}
                 print(f"  B={b:3d} {pool:6s}" + "".join(f"{got[c]:8.4f}" if c in got else "       -" for c in budgets))
     print(path)
