@@ -47,8 +47,9 @@ BN = 64
 """Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
 GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 """Launch options of the gate kernel. One pipeline stage: 48 KB of shared memory instead of 80 KB at
-three, so more programs fit per SM. On an H100 (one run, CUDA graphs) the selection took 7-9 % less time
-at 32K; at 128K 7 % less for 512/top-3 and 2 % more for 128/top-8 (``benchmarks/moba_launch_sweep.py``, ``benchmarks/results/moba_launch_sweep_h100.json``)."""
+three, so more programs fit per SM. Two H100 sweeps (CUDA graphs, ``benchmarks/moba_launch_sweep.py``,
+``benchmarks/results/moba_launch_sweep_h100*.json``): at 32K 9-10 % less time for 512/top-3 and
+3-7 % for 128/top-8, at 128K 7-8 % less and 2-3 % more."""
 
 
 @triton.jit
