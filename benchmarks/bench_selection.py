@@ -43,6 +43,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -52,6 +53,7 @@ import blocksieve  # noqa: E402
 from benchmarks.bench_indexer import kernel_timeline  # noqa: E402
 from benchmarks.common import device_tag  # noqa: E402
 from blocksieve.layout import BlockLayout, causal_block_mask  # noqa: E402
+from blocksieve.ops import shared_window  # noqa: E402
 
 METHODS = {
     "moba": ("moba", {}),
@@ -187,7 +189,8 @@ def tokenselect_entry(q, k, v, dense_ms):
     """TokenSelect at its defaults: prefill selection (peak extra memory too), attention on its
     TokenLayout (``attend_ms``; with the selection ``e2e_layout_ms``), end to end through ``m(q, k, v)``
     (shared keys per chunk plus windows; its peak memory and its largest difference from the layout's
-    attention); one decode step that votes (fresh state) and one that reuses the cached top-k (the
+    attention), and the same with the masked path forced for every chunk (``e2e_masked_ms``: the
+    split path's baseline, see :mod:`blocksieve.ops.shared_window`); one decode step that votes (fresh state) and one that reuses the cached top-k (the
     same query again: a cache hit), with attention on the step's layout."""
     m = blocksieve.method("tokenselect")
     qt = q[:, :, -1:]
@@ -209,6 +212,8 @@ def tokenselect_entry(q, k, v, dense_ms):
         del got, ref
         entry["e2e_ms"] = timed(lambda: m(q, k, v), 5)
         entry["e2e_vs_dense"] = entry["e2e_ms"] / dense_ms
+        with mock.patch.object(shared_window, "_flash_window_ok", lambda q: False):
+            entry["e2e_masked_ms"] = timed(lambda: m(q, k, v), 5)
         step, state = m.select_step(qt, k, None)
         entry["decode_vote_ms"] = timed(lambda: m.select_step(qt, k, None))
         entry["decode_cache_hit_ms"] = timed(lambda: m.select_step(qt, k, state))

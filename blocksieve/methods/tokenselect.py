@@ -172,7 +172,10 @@ class TokenSelect(SparseMethod):
         Without ``return_lse`` the rows run as :func:`~blocksieve.ops.shared_window.shared_window_attention`:
         per chunk the initial window and the chunk's top-k are gathered once and shared by its rows,
         plus each row's local window; the same keys as :meth:`select`'s layout, computed densely per
-        chunk instead of row by row. With ``return_lse``: :func:`~blocksieve.ops.attend` on the layout.
+        chunk instead of row by row. On CUDA in fp16 / bf16 the chunks whose windows and top-k are full
+        attend their shared keys and their windows apart (FlashAttention-2, the windows as one
+        sliding-window pass) and merge the two by LSE. With ``return_lse``:
+        :func:`~blocksieve.ops.attend` on the layout.
         """
         if return_lse:
             return super().__call__(q, k, v, scale=scale, return_lse=True)

@@ -3,13 +3,28 @@
 TokenSelect's prefill rows (``blocksieve.methods.tokenselect``): every row of a chunk attends the
 chunk's shared keys (the initial window and the chunk's top-k) and its own last ``local`` keys. As
 a TokenLayout that is ``init + topk + local`` gathered keys per row, which the token-sparse kernel
-reads row by row. Here the rows of a group of chunks are computed as dense attention instead: per
-chunk the shared keys and the window span (the ``local + chunk - 1`` keys any of its windows
-touches) are gathered once, and the chunk's rows (the ``G`` query heads of a KV head stacked along
-the rows, so K/V are not repeated per query head) attend them through PyTorch's SDPA with a boolean
-mask that keeps, per row, the shared keys it can see causally and its window. Exact: the same keys
-and the same softmax as the layout. Memory: one group's gathered K/V and mask, at most
-:data:`MASK_ELEMENTS` mask entries; no ``Lq × Lkv`` tensor.
+reads row by row. Here the rows of a chunk are computed as dense attention instead, in one of two
+ways, both exact (the same keys and the same softmax as the layout):
+
+* **masked** — per chunk the shared keys and the window span (the ``local + chunk - 1`` keys any of
+  its windows touches) are gathered once, and the chunk's rows (the ``G`` query heads of a KV head
+  stacked along the rows, so K/V are not repeated per query head) attend them through PyTorch's
+  SDPA with a boolean mask that keeps, per row, the shared keys it can see causally and its window.
+  Any chunk; SDPA with a mask runs its slower masked kernels.
+* **split** — for *separable* chunks (every shared id valid and before the chunk's first window,
+  which starts at or after ``floor``: all its rows see all its shared keys, and no window reaches a
+  shared key), the two key sets are attended apart and merged through their log-sum-exp
+  (:func:`blocksieve.ops.merge.merge`): the shared keys without a mask, the windows as one
+  sliding-window causal attention over the cache for all those rows (no gather). On CUDA in fp16 /
+  bf16 both run FlashAttention-2 through ``torch.ops.aten._flash_attention_forward`` (its
+  ``window_size_left``; GQA inside the kernel); elsewhere a chunked PyTorch reference
+  (:func:`attend_lse`), so the CPU tests check the decomposition.
+
+``split=None`` (default) takes the split path for the separable chunks (in TokenSelect, every chunk
+after the first few, whose windows or top-k are not yet full) where the flash kernel runs, and the
+masked path for the rest. Memory: one group's gathered K/V and mask (masked), at most
+:data:`MASK_ELEMENTS` mask or score entries; the windows' output and LSE for the split rows; no
+``Lq × Lkv`` tensor.
 """
 
 from __future__ import annotations
@@ -20,11 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from blocksieve.ops.checks import resolve_scale
+from blocksieve.ops.merge import merge
 
-__all__ = ["shared_window_attention"]
+__all__ = ["attend_lse", "shared_window_attention"]
 
 MASK_ELEMENTS = 1 << 27
-"""Most mask entries (``B · S · chunks · G · chunk · width``) a group of chunks holds (128 MiB of bool)."""
+"""Most mask entries (``B · S · chunks · G · chunk · width``) a group of chunks holds (128 MiB of
+bool); also the most fp32 scores one step of :func:`attend_lse`'s PyTorch path holds."""
+WINDOW_ROWS = 64
+"""Least rows per block of :func:`attend_lse`'s windowed PyTorch path (a block spans its rows plus the window)."""
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared: torch.Tensor, chunk: int, local: int) -> None:
@@ -42,6 +62,77 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared: torch.Tens
         raise ValueError(f"shared must be [B, 1 or Hkv, chunks={nc}, S] key ids, got {tuple(shared.shape)}")
 
 
+def _flash_window_ok(q: torch.Tensor) -> bool:
+    """Whether :func:`attend_lse` runs FlashAttention-2 for ``q``: CUDA (sm80+), fp16 / bf16, a head dim it takes."""
+    if not (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256):
+        return False
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    has_window = op is not None and any(a.name == "window_size_left" for a in op.default._schema.arguments)
+    return has_window and torch.cuda.get_device_capability(q.device) >= (8, 0)
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: Optional[int] = None) -> tuple:
+    """Dense attention with its log-sum-exp, queries right-aligned to the keys.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``; with ``window``, ``Lq <= Lk``).
+        scale: softmax scale.
+        window: ``None``: every row attends every key. ``w >= 1``: row ``t`` (position ``p = Lk - Lq + t``)
+            attends the keys ``[p - w + 1, p]`` (causal sliding window).
+    Returns:
+        ``(out [B, Hq, Lq, D] in q's dtype, lse [B, Hq, Lq] fp32, natural log)``; with no keys, zeros
+        and ``-inf``.
+
+    FlashAttention-2 (``torch.ops.aten._flash_attention_forward``) where :func:`_flash_window_ok`;
+    else PyTorch in fp32, a block of rows at a time (with ``window``, only the keys the block's
+    windows span; about :data:`MASK_ELEMENTS` scores per block at most).
+    """
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if window is not None and (window < 1 or lq > lk):
+        raise ValueError(f"window must be >= 1 with Lq <= Lk (right-aligned rows), got window={window}, Lq={lq}, Lk={lk}")
+    if lk == 0:  # nothing to attend: zeros, lse = -inf
+        return torch.zeros_like(q), torch.full((b, hq, lq), float("-inf"), device=q.device)
+    if _flash_window_ok(q):
+        wl, wr = (window - 1, 0) if window is not None else (None, None)
+        o, lse = torch.ops.aten._flash_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, lq, lk, 0.0, window is not None, False,
+            scale=scale, window_size_left=wl, window_size_right=wr,
+        )[:2]
+        return o.transpose(1, 2), lse[..., :lq]
+    g = hq // hkv
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, lq, device=q.device)
+    if window is None:
+        step = max(1, MASK_ELEMENTS // max(1, b * hq * lk))
+    else:  # a block of r rows spans r + window - 1 keys
+        step = max(1, min(max(window, WINDOW_ROWS), MASK_ELEMENTS // max(1, 2 * b * hq * max(window, WINDOW_ROWS))))
+    for r0 in range(0, lq, step):
+        r1 = min(lq, r0 + step)
+        k0 = 0 if window is None else max(0, lk - lq + r0 - window + 1)
+        k1 = lk if window is None else lk - lq + r1
+        qs = q[:, :, r0:r1].float().reshape(b, hkv, g, r1 - r0, d)
+        sc = (qs @ k[:, :, None, k0:k1].float().transpose(-1, -2)) * scale  # [B, Hkv, G, rows, keys]
+        if window is not None:
+            pos = lk - lq + torch.arange(r0, r1, device=q.device)[:, None]
+            key = torch.arange(k0, k1, device=q.device)[None, :]
+            sc = sc.masked_fill((key > pos) | (key <= pos - window), float("-inf"))
+        m = sc.logsumexp(-1, keepdim=True)
+        o = torch.exp(sc - m) @ v[:, :, None, k0:k1].float()
+        out[:, :, r0:r1] = o.reshape(b, hq, r1 - r0, d).to(q.dtype)
+        lse[:, :, r0:r1] = m.reshape(b, hq, r1 - r0)
+    return out, lse
+
+
+def _separable_from(shared: torch.Tensor, first: int, chunk: int, local: int, floor: int) -> int:
+    """First chunk index from which every chunk is separable (see the module docstring); one host sync."""
+    nc = shared.shape[2]
+    start = first + torch.arange(nc, device=shared.device) * chunk - local + 1  # [C] each chunk's first window start
+    ok = ((shared >= 0) & (shared < start[:, None])).all(-1).reshape(-1, nc).all(0) & (start >= floor)
+    tail = torch.flip(ok, (0,)).int().cumprod(0).sum()  # trailing separable chunks
+    return nc - int(tail)
+
+
 def shared_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,6 +142,7 @@ def shared_window_attention(
     local: int,
     floor: int = 0,
     scale: Optional[float] = None,
+    split: Optional[bool] = None,
 ) -> torch.Tensor:
     """Rows in chunks: the chunk's shared keys they can see, plus their window (module docstring).
 
@@ -65,24 +157,70 @@ def shared_window_attention(
             KV heads) or ``Hkv``.
         chunk, local, floor: rows per chunk, window length, first key a window may hold.
         scale: softmax scale (``1/sqrt(D)`` by default).
+        split: ``None``: the split path for separable chunks where FlashAttention runs (module
+            docstring); ``True``: for separable chunks on any device (PyTorch reference elsewhere);
+            ``False``: the masked path for every chunk.
     Returns:
         ``[B, Hq, Lq, D]`` in ``q``'s dtype; a row that sees no key gets zeros.
     """
     _check(q, k, v, shared, chunk, local)
+    lq, lkv, nc = q.shape[2], k.shape[2], shared.shape[2]
+    scale = resolve_scale(scale, q.shape[3])
+    out = torch.empty_like(q)
+    use_split = local >= 1 and shared.shape[3] >= 1 and (split if split is not None else _flash_window_ok(q))
+    c_split = _separable_from(shared, lkv - lq, chunk, local, floor) if use_split else nc
+    if c_split:
+        _masked(q, k, v, shared, chunk, local, floor, scale, out, c_split)
+    if c_split < nc:
+        _split(q, k, v, shared, chunk, local, scale, out, c_split)
+    return out
+
+
+def _group_step(b: int, s: int, g: int, chunk: int, width: int) -> int:
+    """Chunks per group: at most :data:`MASK_ELEMENTS` entries of ``[B, S, chunks, G · chunk, width]``."""
+    return max(1, MASK_ELEMENTS // max(1, b * s * g * chunk * width))
+
+
+def _gather_chunks(k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """K and V rows of ``ids [B, S, n, W]`` (clamped into the cache), ``[B·n, Hkv, W, D]`` each."""
+    b, hkv, lkv, d = k.shape
+    n, width = ids.shape[2], ids.shape[3]
+    ar_b, ar_h = torch.arange(b, device=k.device)[:, None, None], torch.arange(hkv, device=k.device)[None, :, None]
+    flat = ids.clamp(0, lkv - 1).reshape(b, ids.shape[1], n * width).expand(b, hkv, n * width)
+    return tuple(x[ar_b, ar_h, flat].reshape(b, hkv, n, width, d).transpose(1, 2).reshape(b * n, hkv, width, d) for x in (k, v))
+
+
+def _chunk_rows(q: torch.Tensor, hkv: int, chunk: int, c0: int, c1: int) -> torch.Tensor:
+    """Rows of chunks ``[c0, c1)``, padded to whole chunks, as ``[B·n, Hkv, G·chunk, D]`` (query heads stacked as rows)."""
+    b, hq, lq, d = q.shape
+    n, g = c1 - c0, hq // hkv
+    r0, r1 = c0 * chunk, min(lq, c1 * chunk)
+    qc = F.pad(q[:, :, r0:r1], (0, 0, 0, n * chunk - (r1 - r0)))  # [B, Hq, n·chunk, D]
+    return qc.reshape(b, hkv, g, n, chunk, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, hkv, g * chunk, d)
+
+
+def _unchunk(x: torch.Tensor, b: int, hq: int, chunk: int) -> torch.Tensor:
+    """``[B·n, Hkv, G·chunk, ...]`` back to ``[B, Hq, n·chunk, ...]``."""
+    n, hkv = x.shape[0] // b, x.shape[1]
+    tail = x.shape[3:]
+    y = x.reshape(b, n, hkv, hq // hkv, chunk, *tail).transpose(1, 2).transpose(2, 3)
+    return y.reshape(b, hq, n * chunk, *tail)
+
+
+def _masked(q, k, v, shared, chunk, local, floor, scale, out, c_end) -> None:
+    """The masked path for chunks ``[0, c_end)``, written into ``out``."""
     b, hq, lq, d = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
-    s, nc, w_s = shared.shape[1], shared.shape[2], shared.shape[3]
+    s, w_s = shared.shape[1], shared.shape[3]
     g = hq // hkv
     span = local + chunk - 1
     width = w_s + span
     dev = q.device
     first = lkv - lq
-    out = torch.empty_like(q)
     row = torch.arange(chunk, device=dev)
-    step = max(1, MASK_ELEMENTS // max(1, b * s * g * chunk * width))
-    ar_b, ar_h = torch.arange(b, device=dev)[:, None, None], torch.arange(hkv, device=dev)[None, :, None]
-    for c0 in range(0, nc, step):
-        c1 = min(nc, c0 + step)
+    step = _group_step(b, s, g, chunk, width)
+    for c0 in range(0, c_end, step):
+        c1 = min(c_end, c0 + step)
         n = c1 - c0
         pos = first + torch.arange(c0, c1, device=dev)[:, None] * chunk + row  # [n, chunk] row positions
         win = pos[:, :1] - local + 1 + torch.arange(span, device=dev)  # [n, span] the chunk's window span
@@ -93,13 +231,25 @@ def shared_window_attention(
         see_w = (w >= floor) & (w >= pos[:, :, None] - local + 1) & (w <= pos[:, :, None]) & (w < lkv)  # [n, chunk, span]
         mask = torch.cat([see_s, see_w.expand(b, s, n, chunk, span)], -1)  # [B, S, n, chunk, width]
         mask = mask[:, :, :, None].expand(b, s, n, g, chunk, width).permute(0, 2, 1, 3, 4, 5).reshape(b * n, s, g * chunk, width)
-        flat = ids.clamp(0, lkv - 1).reshape(b, s, n * width).expand(b, hkv, n * width)
-        kg, vg = (x[ar_b, ar_h, flat].reshape(b, hkv, n, width, d).transpose(1, 2).reshape(b * n, hkv, width, d) for x in (k, v))
-        r0, r1 = c0 * chunk, min(lq, c1 * chunk)
-        qc = F.pad(q[:, :, r0:r1], (0, 0, 0, n * chunk - (r1 - r0)))  # [B, Hq, n·chunk, D]
-        qc = qc.reshape(b, hkv, g, n, chunk, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, hkv, g * chunk, d)
-        o = F.scaled_dot_product_attention(qc, kg, vg, attn_mask=mask, scale=resolve_scale(scale, d))
+        kg, vg = _gather_chunks(k, v, ids)
+        o = F.scaled_dot_product_attention(_chunk_rows(q, hkv, chunk, c0, c1), kg, vg, attn_mask=mask, scale=scale)
         o = torch.where(mask.any(-1, keepdim=True), o, 0.0)  # rows that see nothing: zeros, not NaN
-        o = o.reshape(b, n, hkv, g, chunk, d).permute(0, 2, 3, 1, 4, 5).reshape(b, hq, n * chunk, d)
-        out[:, :, r0:r1] = o[:, :, : r1 - r0]
-    return out
+        r0, r1 = c0 * chunk, min(lq, c1 * chunk)
+        out[:, :, r0:r1] = _unchunk(o, b, hq, chunk)[:, :, : r1 - r0]
+
+
+def _split(q, k, v, shared, chunk, local, scale, out, c_start) -> None:
+    """The split path for the separable chunks ``[c_start, C)``, written into ``out``."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    s, nc, w_s = shared.shape[1], shared.shape[2], shared.shape[3]
+    r_s = c_start * chunk
+    o_w, lse_w = attend_lse(q[:, :, r_s:], k, v, scale, window=local)  # every split row's window at once
+    step = _group_step(b, s, hq // hkv, chunk, w_s)
+    for c0 in range(c_start, nc, step):
+        c1 = min(nc, c0 + step)
+        kg, vg = _gather_chunks(k, v, shared[:, :, c0:c1].long())
+        o_s, lse_s = attend_lse(_chunk_rows(q, hkv, chunk, c0, c1), kg, vg, scale)
+        r0, r1 = c0 * chunk, min(lq, c1 * chunk)
+        o_s, lse_s = (_unchunk(x, b, hq, chunk)[:, :, : r1 - r0] for x in (o_s, lse_s))
+        out[:, :, r0:r1] = merge(o_s, lse_s, o_w[:, :, r0 - r_s : r1 - r_s], lse_w[:, :, r0 - r_s : r1 - r_s])[0]
