@@ -152,10 +152,6 @@ class TokenSelect(SparseMethod):
             head.copy_(torch.where(srt == big, -1, srt))
         return TokenLayout(rows, q_len, kv_len, True)
 
-    def _layout(self, layout: TokenLayout, hkv: int) -> TokenLayout:
-        """One index set per KV head: ``scope="all"``'s single set is viewed by every head (no copy)."""
-        return expand_heads(layout, hkv)
-
     def _chunk_tops(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Each prefill chunk's top-k, int32 ``[B, Hs, ceil(Lq / chunk), topk]`` ascending, -1 padded."""
         c = self.config
@@ -163,8 +159,8 @@ class TokenSelect(SparseMethod):
         return self._vote(fp, k, k.shape[2] - q.shape[2], c.chunk)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> TokenLayout:
-        """Chunked prefill selection: ``TokenLayout [B, Hkv, Lq, init + topk + local]``."""
-        return self._layout(self._rows(self._chunk_tops(q, k), q.shape[2], k.shape[2], self.config.chunk), k.shape[1])
+        """Chunked prefill selection: ``TokenLayout [B, Hkv, Lq, init + topk + local]`` (``scope="all"``'s one set viewed by every KV head)."""
+        return expand_heads(self._rows(self._chunk_tops(q, k), q.shape[2], k.shape[2], self.config.chunk), k.shape[1])
 
     def __call__(self, q, k, v, *, scale=None, return_lse=False):
         """Select, then attend: ``out [B, Hq, Lq, D]`` (or ``(out, lse)``).
@@ -207,4 +203,4 @@ class TokenSelect(SparseMethod):
         state["top"] = top
         state["hits"] += int(hit.sum())
         state["steps"] += b
-        return self._layout(self._rows(top, lq, lkv, lq, state["full"]), k.shape[1]), state
+        return expand_heads(self._rows(top, lq, lkv, lq, state["full"]), k.shape[1]), state
