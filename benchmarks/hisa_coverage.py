@@ -71,7 +71,7 @@ def block_orders(qb, kh, scores, pos, block):
     return out
 
 
-def sweep(cap: dict, topks, stride: int) -> list:
+def sweep(cap: dict, topks, stride: int, blocks=BLOCKS) -> list:
     acc = {}
     n_rows = 0
     for layer, (q, k, _) in sorted(cap.items()):
@@ -84,13 +84,13 @@ def sweep(cap: dict, topks, stride: int) -> list:
             kh = k[0, h]
             sc = (qb @ kh.T).masked_fill(torch.arange(length)[None, :] > pos[:, None], float("-inf"))
             n_rows += len(pos)
-            orders = {b: block_orders(qb, kh, sc, pos, b) for b in BLOCKS}
+            orders = {b: block_orders(qb, kh, sc, pos, b) for b in blocks}
             for kk in topks:
                 top = sc.topk(kk, -1).indices
                 valid = torch.gather(sc, 1, top) > float("-inf")
                 kvis = torch.clamp(pos + 1, max=kk)
                 budgets = sorted({min(length, c * kk) for c in MULTIPLES} | {int(f * length) for f in FRACTIONS})
-                for b in BLOCKS:
+                for b in blocks:
                     nb = length // b
                     cnt = torch.zeros(len(pos), nb).scatter_add_(1, top // b, valid.float())  # DSA tokens per block
                     forced = (torch.arange(nb)[None] == 0) | (torch.arange(nb)[None] == (pos // b)[:, None])
@@ -122,12 +122,13 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--stride", type=int, default=None, help="query subsampling (default length // 1024)")
     ap.add_argument("--layers", default=None, help="comma-separated layer ids (default: the default capture's layers, see load_capture)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS), help="block sizes B to sweep (powers of two >= 4)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args(argv)
     stride = args.stride or max(1, args.length // 1024)
     cap = load_capture(args.model, args.text, args.length, None if args.layers is None else map(int, args.layers.split(",")))
     t0 = time.time()
-    rows = sweep(cap, args.topk, stride)
+    rows = sweep(cap, args.topk, stride, args.blocks)
     result = {"command": " ".join(["python"] + sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "model": args.model, "text": args.text, "length": args.length, "layers": sorted(cap), "stride": stride,
               "seconds": time.time() - t0, "rows": rows}
@@ -137,7 +138,7 @@ def main(argv=None):
         sub = [r for r in rows if r["k"] == kk]
         budgets = sorted({r["candidates"] for r in sub})
         print(f"k={kk}  m*B:" + "".join(f"{c:8d}" for c in budgets))
-        for b in BLOCKS:
+        for b in args.blocks:
             for pool in ("mean", "max", "meanstd", "submax", "tokenmax", "oracle"):
                 got = {r["candidates"]: r["iou"] for r in sub if r["block"] == b and r["pool"] == pool}
                 print(f"  B={b:3d} {pool:6s}" + "".join(f"{got[c]:8.4f}" if c in got else "       -" for c in budgets))

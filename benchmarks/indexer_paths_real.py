@@ -35,7 +35,7 @@ from blocksieve.select.token_topk import flat_topk, hisa_topk, misa_topk, update
 
 def methods(length: int, topk: int) -> dict:
     """Name → ``fn(ix, backend) -> TokenLayout`` at the sizes of the fidelity benchmark."""
-    h = HisaConfig.for_prompt(length, topk)
+    h = HisaConfig.for_prompt(length, topk, block=16)  # the kernels' smallest block
     return {
         "dsa": lambda ix, be: flat_topk(ix, topk, be),
         "hisa": lambda ix, be: hisa_topk(ix, topk, h.block, h.m, backend=be),
@@ -45,7 +45,7 @@ def methods(length: int, topk: int) -> dict:
 
 def decode_steps(q: torch.Tensor, k: torch.Tensor, steps: int, length: int, topk: int) -> dict:
     """The last ``steps`` positions as decode steps, both backends: ``{method: compare(...)}`` over all steps' rows."""
-    h = HisaConfig.for_prompt(length, topk)
+    h = HisaConfig.for_prompt(length, topk, block=16)  # the kernels' smallest block
     n0 = k.shape[2] - steps
     pooled = {be: update_pooled(None, 0, k[:, :, :n0], h.block, "mean") for be in ("triton", "torch")}
     got = {name: [] for name in methods(length, topk)}

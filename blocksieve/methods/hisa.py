@@ -33,12 +33,16 @@ class HisaConfig:
     backend: str = "auto"
 
     @classmethod
-    def for_prompt(cls, length: int, topk: int, block: int = 16, **kw) -> "HisaConfig":
-        """The paper's sizes scaled to a short prompt: ``m·block = clamp(4·topk, 5·length/8, 3·length/4)``.
+    def for_prompt(cls, length: int, topk: int, block: int = 4, **kw) -> "HisaConfig":
+        """The paper's sizes scaled to a short prompt: blocks of 4, ``m·block = clamp(4·topk, 5·length/8, 3·length/4)``.
 
-        The paper keeps 4·topk candidates (8192 for top-2048, 6 % of 128K). On 4K-16K prompts with
-        the training-free scorer the DSA top-k is spread over the whole prefix, and IoU >= 0.99
-        with DSA needs 5/8 of it (``docs/dev/tokens_notes.md``); blocks of 16 track it best.
+        The paper keeps 4·topk candidates (8192 for top-2048, 6 % of 128K) in blocks of 128 (a
+        1,024th of 128K). On 4K-16K prompts with the training-free scorer the DSA top-k is spread
+        over the whole prefix: IoU >= 0.99 with DSA needs 5/8 of it as candidates, and blocks of 4
+        (128 scaled by length/128K at 4K) to rank them; blocks of 16 missed on Gemma-3
+        (``docs/dev/tokens_notes.md``). At this size HISA scores about as many keys as DSA: a
+        fidelity setting for short prompts, not a speed-up (blocks under 16 keys also run the
+        coarse stage in PyTorch on CUDA: the Triton scan's MMA tiles need 16).
         """
         cand = min(3 * length // 4, max(5 * length // 8, 4 * topk))
         return cls(topk=topk, block=block, m=max(2, cand // block), **kw)

@@ -43,10 +43,10 @@ def test_config_errors():
         blocksieve.method("hisa", pool="median")
 
 
-@pytest.mark.parametrize("length,topk,m", [(4096, 256, 160), (4096, 1024, 192), (8192, 1024, 320), (16384, 2048, 640)])
+@pytest.mark.parametrize("length,topk,m", [(4096, 256, 640), (4096, 1024, 768), (8192, 1024, 1280), (16384, 2048, 2560)])
 def test_for_prompt_scales_the_candidate_share(length, topk, m):
     from blocksieve.methods.hisa import HisaConfig
 
     c = HisaConfig.for_prompt(length, topk)
-    assert (c.block, c.m, c.topk) == (16, m, topk)
+    assert (c.block, c.m, c.topk) == (4, m, topk)
     blocksieve.method("hisa", **c.__dict__)  # a valid config

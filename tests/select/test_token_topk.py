@@ -75,10 +75,11 @@ def brute_hisa(ix, b, s, t, sc, block, m, k, pool):
 
 
 @pytest.mark.parametrize("pool", ["mean", "max"])
-def test_hisa_matches_brute_force(pool):
+@pytest.mark.parametrize("block,m", [(8, 3), (4, 6)])
+def test_hisa_matches_brute_force(pool, block, m):
     ix = random_indexer(b=1, lq=30, lkv=70, act="linear")
-    lay = hisa_topk(ix, 10, block=8, m=3, pool=pool, backend="torch")
-    assert_same_choice(ix, lay, lambda ix, b, s, t, sc: brute_hisa(ix, b, s, t, sc, 8, 3, 10, pool))
+    lay = hisa_topk(ix, 10, block=block, m=m, pool=pool, backend="torch")
+    assert_same_choice(ix, lay, lambda ix, b, s, t, sc: brute_hisa(ix, b, s, t, sc, block, m, 10, pool))
 
 
 def test_hisa_is_exact_dsa_when_prefix_fits():
