@@ -164,6 +164,7 @@ def shared_window_attention(
         ``[B, Hq, Lq, D]`` in ``q``'s dtype; a row that sees no key gets zeros.
     """
     _check(q, k, v, shared, chunk, local)
+    k, v = k.contiguous(), v.contiguous()  # gathered as whole rows of a flat view
     lq, lkv, nc = q.shape[2], k.shape[2], shared.shape[2]
     scale = resolve_scale(scale, q.shape[3])
     out = torch.empty_like(q)
@@ -181,13 +182,14 @@ def _group_step(b: int, s: int, g: int, chunk: int, width: int) -> int:
     return max(1, MASK_ELEMENTS // max(1, b * s * g * chunk * width))
 
 
-def _gather_chunks(k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
-    """K and V rows of ``ids [B, S, n, W]`` (clamped into the cache), ``[B·n, Hkv, W, D]`` each."""
+def _gather_rows(k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
+    """K and V rows of ``ids [B, S, n, W]`` (clamped into the cache) as ``[B·n, W, Hkv, D]`` each
+    (FlashAttention's batch, sequence, head order): one ``index_select`` of whole rows per tensor."""
     b, hkv, lkv, d = k.shape
-    n, width = ids.shape[2], ids.shape[3]
-    ar_b, ar_h = torch.arange(b, device=k.device)[:, None, None], torch.arange(hkv, device=k.device)[None, :, None]
-    flat = ids.clamp(0, lkv - 1).reshape(b, ids.shape[1], n * width).expand(b, hkv, n * width)
-    return tuple(x[ar_b, ar_h, flat].reshape(b, hkv, n, width, d).transpose(1, 2).reshape(b * n, hkv, width, d) for x in (k, v))
+    n, w = ids.shape[2], ids.shape[3]
+    base = (torch.arange(b, device=k.device)[:, None] * hkv + torch.arange(hkv, device=k.device)) * lkv  # [B, Hkv]
+    idx = (ids.clamp(0, lkv - 1).long().permute(0, 2, 3, 1) + base[:, None, None, :]).reshape(-1)  # [B·n·W·Hkv]
+    return tuple(x.reshape(-1, d).index_select(0, idx).view(b * n, w, hkv, d) for x in (k, v))
 
 
 def _chunk_rows(q: torch.Tensor, hkv: int, chunk: int, c0: int, c1: int) -> torch.Tensor:
@@ -197,6 +199,17 @@ def _chunk_rows(q: torch.Tensor, hkv: int, chunk: int, c0: int, c1: int) -> torc
     r0, r1 = c0 * chunk, min(lq, c1 * chunk)
     qc = F.pad(q[:, :, r0:r1], (0, 0, 0, n * chunk - (r1 - r0)))  # [B, Hq, n·chunk, D]
     return qc.reshape(b, hkv, g, n, chunk, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, hkv, g * chunk, d)
+
+
+def _chunk_heads(q: torch.Tensor, chunk: int, c0: int, c1: int) -> torch.Tensor:
+    """Rows of chunks ``[c0, c1)`` as ``[B·n, chunk, Hq, D]`` (a view for one sequence of whole chunks; the last partial chunk padded)."""
+    b, hq, lq, d = q.shape
+    n = c1 - c0
+    r0, r1 = c0 * chunk, min(lq, c1 * chunk)
+    x = q[:, :, r0:r1]
+    if r1 - r0 < n * chunk:
+        x = F.pad(x, (0, 0, 0, n * chunk - (r1 - r0)))
+    return x.reshape(b, hq, n, chunk, d).permute(0, 2, 3, 1, 4).reshape(b * n, chunk, hq, d)
 
 
 def _unchunk(x: torch.Tensor, b: int, hq: int, chunk: int) -> torch.Tensor:
@@ -231,7 +244,7 @@ def _masked(q, k, v, shared, chunk, local, floor, scale, out, c_end) -> None:
         see_w = (w >= floor) & (w >= pos[:, :, None] - local + 1) & (w <= pos[:, :, None]) & (w < lkv)  # [n, chunk, span]
         mask = torch.cat([see_s, see_w.expand(b, s, n, chunk, span)], -1)  # [B, S, n, chunk, width]
         mask = mask[:, :, :, None].expand(b, s, n, g, chunk, width).permute(0, 2, 1, 3, 4, 5).reshape(b * n, s, g * chunk, width)
-        kg, vg = _gather_chunks(k, v, ids)
+        kg, vg = (x.transpose(1, 2) for x in _gather_rows(k, v, ids))
         o = F.scaled_dot_product_attention(_chunk_rows(q, hkv, chunk, c0, c1), kg, vg, attn_mask=mask, scale=scale)
         o = torch.where(mask.any(-1, keepdim=True), o, 0.0)  # rows that see nothing: zeros, not NaN
         r0, r1 = c0 * chunk, min(lq, c1 * chunk)
@@ -239,17 +252,25 @@ def _masked(q, k, v, shared, chunk, local, floor, scale, out, c_end) -> None:
 
 
 def _split(q, k, v, shared, chunk, local, scale, out, c_start) -> None:
-    """The split path for the separable chunks ``[c_start, C)``, written into ``out``."""
+    """The split path for the separable chunks ``[c_start, C)``, written into ``out``.
+
+    Partial results stay in FlashAttention's row-major layout ``[B, rows, Hq, D]`` (no copies of q or
+    of the outputs besides the merge and the final write).
+    """
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
     s, nc, w_s = shared.shape[1], shared.shape[2], shared.shape[3]
     r_s = c_start * chunk
     o_w, lse_w = attend_lse(q[:, :, r_s:], k, v, scale, window=local)  # every split row's window at once
+    o_w, lse_w = o_w.transpose(1, 2), lse_w.transpose(1, 2)  # [B, rows, Hq, D], [B, rows, Hq]
     step = _group_step(b, s, hq // hkv, chunk, w_s)
     for c0 in range(c_start, nc, step):
         c1 = min(nc, c0 + step)
-        kg, vg = _gather_chunks(k, v, shared[:, :, c0:c1].long())
-        o_s, lse_s = attend_lse(_chunk_rows(q, hkv, chunk, c0, c1), kg, vg, scale)
+        n = c1 - c0
+        kg, vg = _gather_rows(k, v, shared[:, :, c0:c1])
+        o_s, lse_s = attend_lse(_chunk_heads(q, chunk, c0, c1).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), scale)
         r0, r1 = c0 * chunk, min(lq, c1 * chunk)
-        o_s, lse_s = (_unchunk(x, b, hq, chunk)[:, :, : r1 - r0] for x in (o_s, lse_s))
-        out[:, :, r0:r1] = merge(o_s, lse_s, o_w[:, :, r0 - r_s : r1 - r_s], lse_w[:, :, r0 - r_s : r1 - r_s])[0]
+        o_s = o_s.transpose(1, 2).reshape(b, n * chunk, hq, d)[:, : r1 - r0]
+        lse_s = lse_s.transpose(1, 2).reshape(b, n * chunk, hq)[:, : r1 - r0]
+        rows = slice(r0 - r_s, r1 - r_s)
+        out[:, :, r0:r1] = merge(o_s, lse_s, o_w[:, rows], lse_w[:, rows])[0].transpose(1, 2)
