@@ -261,9 +261,10 @@ def prepare(spec: EvalSpec) -> tuple:
     Raises ValueError / FileNotFoundError (one line, naming the fix) for bad specs, unknown or
     missing models and texts, and lengths beyond the model's context.
     """
-    from blocksieve.eval.models import load_model
+    from blocksieve.eval.models import check_model_argument, load_model
 
     spec.check()
+    check_model_argument(spec.model)  # before the text, which may need a download
     saved = _saved_config(spec.model)
     if saved is not None:
         _check_lengths(spec, saved)

@@ -192,6 +192,21 @@ def _convert(name: str) -> Path:
     return out
 
 
+def check_model_argument(name_or_path: str | os.PathLike) -> None:
+    """Raise the one-line error :func:`load_model` would give for ``name_or_path``, loading nothing.
+
+    Known names, model directories and ``.gguf`` files pass; other paths raise FileNotFoundError,
+    other names ValueError (both naming what to pass instead).
+    """
+    key = str(name_or_path)
+    path = Path(key).expanduser()
+    if key in _SOURCES or path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return
+    if path.suffix == ".gguf" or os.sep in key or path.exists():
+        raise FileNotFoundError(f"model path {key!r} is not a model directory or a .gguf file")
+    _check_name(key)
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -209,23 +224,20 @@ def load_model(
 
     if attn_implementation == "blocksieve":
         import blocksieve.integrations.transformers  # noqa: F401  (registers the attention function)
+    check_model_argument(name_or_path)
     key = str(name_or_path)
     path = Path(key).expanduser()
     if key in _SOURCES:
         directory = _convert(key)
     elif path.is_dir():
         directory = path
-    elif path.is_file() and path.suffix == ".gguf":
+    else:  # a .gguf file
         from .gguf_loader import load_gguf
 
         model, tokenizer = load_gguf(path, dtype=dtype)
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         return model.to(device), tokenizer
-    elif path.suffix == ".gguf" or os.sep in key or path.exists():
-        raise FileNotFoundError(f"model path {key!r} is not a model directory or a .gguf file")
-    else:
-        _check_name(key)
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

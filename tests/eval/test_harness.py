@@ -81,3 +81,13 @@ def test_harness_rejects_bad_specs(lm, tmp_path, change, match):
     spec = EvalSpec(**{"model": "tiny", "methods": ("streaming",), "tasks": ("ppl",), "lengths": (128,), "text": text_path, **change})
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         run_eval(spec, tmp_path, model=model, tokenizer=tok, progress=False)
+
+
+@pytest.mark.parametrize("model,match", [("gpt-17", "unknown model 'gpt-17'"), ("/nonexistent/model-dir", "is not a model directory")])
+def test_prepare_rejects_the_model_before_loading_the_text(monkeypatch, model, match):
+    """A bad model argument is reported first, also where the text would need a download (offline hosts)."""
+    import blocksieve.eval.harness as harness
+
+    monkeypatch.setattr(harness, "_load_text", lambda name: pytest.fail("the text was loaded before the model was checked"))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        harness.prepare(EvalSpec(model=model, methods=("streaming",), tasks=("ppl",), lengths=(128,)))
