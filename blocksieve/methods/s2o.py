@@ -18,7 +18,9 @@ density on SmolLM2, see docs/dev/blocks_notes.md). ``sink_blocks=0`` gives the p
 Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_seg) · mean(k_blk)``;
 ``"lse"`` by ``log Σ_{j ∈ blk} exp(mean(q_seg) · k_j / √d)``, the mass the segment's mean query
 gives the block (:func:`blocksieve.select.score.block_logsumexp`, O(segments · L · D) instead of
-O(segments · blocks · D)), which does not average one strong key away; ``"sample"`` by the summed softmax mass that
+O(segments · blocks · D)), which does not average one strong key away (with ``backend="triton"`` a
+fused kernel, :mod:`blocksieve.ops.segment_lse`, computes it without storing the scores;
+``"auto"`` keeps the chunked PyTorch rule until that kernel has been timed on a GPU); ``"sample"`` by the summed softmax mass that
 ``rank_rows`` strided query rows of the segment give the block (an estimate of the segment's
 true block mass; ``rank_rows / segment`` of the dense score cost, 1/32 by default).
 
@@ -170,6 +172,10 @@ class S2O(SparseMethod):
         qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
             return grouped_dot(qs, block_mean(k, c.block_k))
+        if c.backend == "triton":  # not yet under "auto": the kernel has not run on a GPU (docs/dev/blocks_notes.md)
+            from blocksieve.ops.segment_lse import segment_block_lse_triton  # imports Triton: only when run
+
+            return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, lkv - lq - off)
         return block_logsumexp(qs, k, c.block_k, d**-0.5)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
