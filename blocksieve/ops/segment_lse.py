@@ -11,9 +11,10 @@ S2O's ranking leaves out anyway. Scores are never stored: each program takes ``B
 means of one query head, walks the key blocks up to its last segment's start (about half of the
 ``NS × L`` pairs in all) and reduces each ``BLOCK_K``-key block to its log-sum-exp in registers.
 
-Precision: the mean queries are rounded to the keys' dtype for the tensor-core product (bf16:
-relative error about 2⁻⁹ on each score, so near-ties may rank differently than on the fp32 PyTorch
-path); fp32 keys use an exact fp32 product. Nothing is synchronised with the host.
+Precision: the mean queries are rounded to the keys' dtype for the tensor-core product (bf16 keeps
+8 significant bits, so a score may differ from the fp32 rule by about ``2⁻⁹ · |q̄| · |k|`` and
+near-ties may rank differently than on the PyTorch path); fp32 keys use an exact fp32 product.
+Nothing is synchronised with the host.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ BLOCK_S = 64
 BLOCKS_PER_STEP = 4
 """Key blocks per loop step: their log-sum-exps are stored as one ``[BLOCK_S, BLOCKS_PER_STEP]`` tile."""
 NUM_WARPS = 4
+"""Warps per program."""
 
 LOG2E = 1.4426950408889634
 
@@ -101,6 +103,10 @@ def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, sc
         raise ValueError(f"qs {tuple(qs.shape)} and k {tuple(k.shape)} must share B and D, with Hq a multiple of Hkv")
     if any(x < 16 or x & (x - 1) for x in (d, block_k)):
         raise ValueError(f"block_k={block_k} and D={d} must be powers of two >= 16 for the Triton path")
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"k has dtype {k.dtype}: the kernel takes float16, bfloat16 or float32 keys")
+    if qs.device != k.device:
+        raise ValueError(f"qs is on {qs.device} and k on {k.device}: put both on one device")
     if base < 0:
         raise ValueError(f"base={base} must be >= 0 (the key position where segment 0 starts)")
     nk = math.ceil(lkv / block_k)

@@ -78,6 +78,8 @@ def test_segment_lse_rejects_bad_arguments():
     qs, k, base = inputs(1, 2, 1, 64, 64, 16, 32, torch.float32)
     with pytest.raises(ValueError, match="block_k=24"):
         segment_lse.segment_block_lse_triton(qs, k, 24, 0.25, 32, base)
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        segment_lse.segment_block_lse_triton(qs, k.double(), 16, 0.25, 32, base)
     with pytest.raises(ValueError, match="base=-32"):
         segment_lse.segment_block_lse_triton(qs, k, 16, 0.25, 32, -32)
     with pytest.raises(ValueError, match="multiple of Hkv"):
