@@ -192,11 +192,11 @@ def run_block_sparse(bench: Bench, ns, bks, densities):
                       f"bs={row.get('blocksieve_ms', float('nan')):8.3f} ms ({row.get('blocksieve_tflops', 0):5.0f} TF/s, "
                       f"x{row.get('speedup_vs_cudnn', 0):5.2f} vs cuDNN, rate {row.get('rate_vs_cudnn', 0):.2f}) "
                       f"flex={row.get('flex_ms', float('nan')):8.3f} ms  err={row['oracle_rel_err']:.1e}", flush=True)
-                del lay, fmask
+                lay = fmask = None  # freed before the next point (not del: the timing lambdas above name them)
             bench.res["tuned_configs"][f"bk{bk}"] = {
                 str(key): str(cfg) for tuner in (_block_sparse_fwd_tuned, _block_sparse_fwd_tma_tuned) for key, cfg in tuner.cache.items()
             }
-        del q, k, v
+        q = k = v = None  # freed before the next length
         torch.cuda.empty_cache()
 
 

@@ -5,7 +5,8 @@ prefill. Inputs are synthetic but structured so that adaptive selectors find spa
 256-token chunk of queries and keys carries one of 16 random topic directions (plus noise and an
 attention sink at token 0), so a query attends mostly to same-topic chunks — about 1/16 of the
 context, like the ~10 % densities the methods target. For each method (paper defaults, plus
-FlashMoBA's B=128/top-8; S2O's ``lse`` and ``sample`` rankings only when named in ``--methods``):
+FlashMoBA's B=128/top-8 and S2O's ``lse`` ranking through its fused kernel; S2O's PyTorch ``lse`` and
+``sample`` rankings only when named in ``--methods``):
 
 * ``select_ms`` — the method's selection (``plan`` for PBS and S2O: ordering/permutation and
   layouts; S2O's stop happens inside its attention pass);
@@ -64,10 +65,12 @@ METHODS = {
     "pbs": ("pbs", {}),
     "s2o": ("s2o", {}),
     "s2o_lse": ("s2o", dict(rank="lse")),
+    "s2o_lse_fused": ("s2o", dict(rank="lse", backend="triton")),
     "s2o_sample16": ("s2o", dict(rank="sample", rank_rows=16)),
 }
 SLOW = ("s2o_lse", "s2o_sample16")
-"""S2O's other rankings (PyTorch): 0.49 s and 9 s per selection at 128K on an H100, so only on request."""
+"""S2O's other rankings (PyTorch): 0.49 s and 9 s per selection at 128K on an H100, so only on request.
+``s2o_lse_fused`` (the ``lse`` ranking through :mod:`blocksieve.ops.segment_lse`) runs by default."""
 
 
 def timed(fn, reps=10):
@@ -203,7 +206,7 @@ def tokenselect_entry(q, k, v, dense_ms):
         entry["attend_ms"] = timed(lambda: blocksieve.attend(q, k, v, lay), 5)
         entry["e2e_layout_ms"] = timed(lambda: blocksieve.attend(q, k, v, m.select(q, k)), 5)
         ref = blocksieve.attend(q, k, v, lay)
-        del lay
+        lay = None  # freed before the peak-memory run below (not del: the timing lambdas above name it)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         got = m(q, k, v)
@@ -325,7 +328,7 @@ def main():
         print(f"[{time.time() - t0:5.0f}s] L={length} tokenselect: {row['tokenselect']}", flush=True)
         res["lengths"][str(length)] = row
         out_path.write_text(json.dumps(res, indent=1))
-        del q, k, v
+        q = k = v = None  # frees them before the next length
         torch.cuda.empty_cache()
     print("wrote", out_path)
 
