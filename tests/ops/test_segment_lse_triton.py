@@ -51,11 +51,13 @@ def test_segment_lse_matches_block_logsumexp_fp32(monkeypatch, b, hq, hkv, lq, l
     assert (got[~past] == float("-inf")).all()
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the CPU interpreter's bf16/fp16 tl.dot is not exact (docs/dev/blocks_notes.md)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+BF16_ON_GPU = pytest.mark.skipif(not ON_CUDA, reason="the CPU interpreter's bf16 tl.dot is wrong (docs/dev/blocks_notes.md)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_ON_GPU)])
 @pytest.mark.parametrize("b,hq,hkv,lq,lkv,d,segment,bk", CASES)
 def test_segment_lse_half_precision_matches_rounded_query(dtype, b, hq, hkv, lq, lkv, d, segment, bk):
-    """bf16/fp16 keys: equal to the PyTorch rule on the mean queries rounded to the keys' dtype."""
+    """fp16/bf16 keys: equal to the PyTorch rule on the mean queries rounded to the keys' dtype."""
     qs, k, base = inputs(b, hq, hkv, lq, lkv, d, segment, dtype)
     with poisoned_outputs():
         got = segment_lse.segment_block_lse_triton(qs, k, bk, d**-0.5, segment, base)
