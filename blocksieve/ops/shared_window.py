@@ -194,11 +194,9 @@ def _gather_rows(k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor) -> tuple:
 
 def _chunk_rows(q: torch.Tensor, hkv: int, chunk: int, c0: int, c1: int) -> torch.Tensor:
     """Rows of chunks ``[c0, c1)``, padded to whole chunks, as ``[B·n, Hkv, G·chunk, D]`` (query heads stacked as rows)."""
-    b, hq, lq, d = q.shape
-    n, g = c1 - c0, hq // hkv
-    r0, r1 = c0 * chunk, min(lq, c1 * chunk)
-    qc = F.pad(q[:, :, r0:r1], (0, 0, 0, n * chunk - (r1 - r0)))  # [B, Hq, n·chunk, D]
-    return qc.reshape(b, hkv, g, n, chunk, d).permute(0, 3, 1, 2, 4, 5).reshape(b * n, hkv, g * chunk, d)
+    x = _chunk_heads(q, chunk, c0, c1)  # [B·n, chunk, Hq, D]
+    bn, _, hq, d = x.shape
+    return x.unflatten(2, (hkv, hq // hkv)).permute(0, 2, 3, 1, 4).reshape(bn, hkv, hq // hkv * chunk, d)
 
 
 def _chunk_heads(q: torch.Tensor, chunk: int, c0: int, c1: int) -> torch.Tensor:
