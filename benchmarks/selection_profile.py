@@ -8,15 +8,17 @@
   the default launch and 4, 8, 16 warps per program for every sort width)
   against a stable descending ``torch.sort`` of the same ``[B, Hq, NS, NK]`` scores (the sort only);
 * ``sums`` rows — the last-row sums kernel (:func:`blocksieve.ops.last_rows_stats.last_rows_sums_triton`)
-  as pbs (64 rows, columns only), vertical_slash (64 rows, diagonals too) and flexprefill (128
-  rows) call it, with 64- and 128-key tiles; ``max_abs_diff`` against the 64-key tiles' sums;
+  as pbs (128 rows, columns only), vertical_slash (64 rows, diagonals too) and flexprefill (128
+  rows) call it, and for 64 rows, columns only; with 64- and 128-key tiles and 1 to 256 query rows
+  per tile (``pack_rows``: 1 is one head per pass; more stacks a KV group's heads; the 64-key
+  variants run twice, to show the run-to-run spread); ``max_abs_diff`` against 64 keys, one head;
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
 
 Writes ``$OUT/selection_profile_h200.json``::
 
-    python -u -m benchmarks.selection_profile --out $OUT [--lengths 32768 131072]
+    python -u -m benchmarks.selection_profile --out $OUT [--lengths 32768 131072] [--parts sums,profile]
 """
 
 from __future__ import annotations
@@ -61,17 +63,18 @@ def s2o_sort_rows(q: torch.Tensor, k: torch.Tensor) -> list:
 
 
 def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
-    """Time of the last-row sums kernel per caller's shape and key tile width."""
+    """Time of the last-row sums kernel per caller's shape, key tile width and rows packed per tile."""
     from blocksieve.ops.last_rows_stats import last_rows_sums_triton
 
     rows = []
-    for label, r, diagonals in (("pbs", 64, False), ("vertical_slash", 64, True), ("flexprefill", 128, True)):
-        base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals)
-        for block_n in (64, 128):
-            fn = lambda b=block_n: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, block_n=b)  # noqa: E731
+    for label, r, diagonals in (("pbs", 128, False), ("columns", 64, False), ("vertical_slash", 64, True), ("flexprefill", 128, True)):
+        base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, pack_rows=1)
+        for block_n, pack in ((64, 1), (64, 128), (64, 256), (64, 1), (64, 128), (64, 256), (128, 1), (128, 256)):
+            fn = lambda b=block_n, p=pack: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, block_n=b, pack_rows=p)  # noqa: E731
             got = fn()
             diff = max((g - w).abs().max().item() for g, w in zip(got, base) if g is not None)
-            rows.append({"kind": "sums", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "block_n": block_n, "ms": timed(fn), "max_abs_diff": diff})
+            row = {"kind": "sums", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "block_n": block_n, "pack_rows": pack}
+            rows.append(dict(row, ms=timed(fn), max_abs_diff=diff))
             log(rows[-1])
     return rows
 
@@ -95,17 +98,19 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--parts", default="pool,sort,sums,profile", help="which kinds of rows to measure")
     args = ap.parse_args(argv)
     out = args.out / f"selection_profile_{device_tag()}.json"
     res = {"environment": environment(), "rows": []}
     t0 = time.time()
     for n in args.lengths:
         q, k, _ = synthetic(n)
-        for name, x, block in (("q", q, 64), ("q", q, 512), ("k", k, 128), ("k", k, 512)):
+        parts = args.parts.split(",")
+        for name, x, block in (("q", q, 64), ("q", q, 512), ("k", k, 128), ("k", k, 512)) if "pool" in parts else ():
             res["rows"] += pool_rows(x, name, block)
-        res["rows"] += s2o_sort_rows(q, k)
-        res["rows"] += sums_rows(q, k)
-        for label in args.methods.split(","):
+        res["rows"] += s2o_sort_rows(q, k) if "sort" in parts else []
+        res["rows"] += sums_rows(q, k) if "sums" in parts else []
+        for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)
             row = {"kind": "profile", "method": label, "L": n, "eager_ms": timed(fn), **grouped(kernel_timeline(fn))}

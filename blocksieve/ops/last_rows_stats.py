@@ -7,10 +7,11 @@ causal: keys ``<= pos(t)``). They need only two reductions of ``p``:
 * column sums ``cols[b, h, j] = Σ_t p[t, j]`` (``p.sum(2)``);
 * diagonal sums ``diags[b, h, d] = Σ_t p[t, pos(t) - d]`` (:func:`blocksieve.select.score.slash_sums`).
 
-Two passes over the keys, both a program per (span of ``BLOCK_N``-key tiles, KV head) that loops over
-the KV group's ``G`` query heads, each holding its ``R <= BLOCK_R`` rows of ``q`` (query head ``h``
-reads KV head ``h // G``) while the span's key tiles stream past (about four programs per SM; a
-span's tiles stay in L2 across the heads):
+Two passes over the keys, both a program per (span of ``BLOCK_N``-key tiles, KV head) that takes
+the KV group's ``G`` query heads ``HP`` at a time (:func:`heads_per_pass`): their ``R <= BLOCK_R``
+rows of ``q`` each are stacked into one ``[HP · BLOCK_R, D]`` operand (query head ``h`` reads KV
+head ``h // G``), so each key tile of the span is loaded once per ``HP`` heads and multiplied in one
+larger product (about four programs per SM; a span's tiles stay in L2 across the passes):
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
    head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
@@ -44,6 +45,8 @@ LOG2E = 1.4426950408889634
 BLOCK_N = 64
 MAX_ROWS = 256
 MAX_HEAD_DIM = 256
+PACK_ROWS = 128
+"""Most query rows (of the heads of one KV group) stacked in one score tile."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,40 +57,42 @@ def _row_stats_kernel(
     Q, K, M, L,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     q_len, kv_len, rows, num_kv_heads, group, n_span, tiles_per_span, qk_scale,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_s = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // num_kv_heads
     i_kh = i_bk % num_kv_heads
-    o_r = tl.arange(0, BLOCK_R)  # [BR] row among the last `rows`
+    o_p = tl.arange(0, HP * BLOCK_R)  # [BP] HP heads' rows packed one under another
+    o_r = o_p % BLOCK_R  # [BP] row among the last `rows`
     o_c = tl.arange(0, BLOCK_N)  # [BN]
     o_d = tl.arange(0, BLOCK_D)  # [BD]
-    m_r = o_r < rows
     m_d = o_d < D
-    o_pos = kv_len - rows + o_r  # [BR] key position of each row
+    o_pos = kv_len - rows + o_r  # [BP] key position of each row
     o_q = (q_len - rows + o_r).to(tl.int64)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
-    for g in range(group):
-        i_h = i_kh * group + g
-        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
-        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BR, BD]
-        m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l_i = tl.full([BLOCK_R], 0.0, tl.float32)
+    for g0 in range(0, group, HP):
+        o_g = g0 + o_p // BLOCK_R  # [BP] head within the KV group
+        m_r = (o_r < rows) & (o_g < group)
+        i_h = (i_kh * group + o_g).to(tl.int64)  # [BP]
+        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
+        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
+        m_i = tl.full([HP * BLOCK_R], float("-inf"), tl.float32)
+        l_i = tl.full([HP * BLOCK_R], 0.0, tl.float32)
         for t in range(tiles_per_span):
             o_key = (i_s * tiles_per_span + t) * BLOCK_N + o_c  # [BN]
             m_key = o_key < kv_len
             p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
             b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
             m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])
             b_s = tl.where(m_vis, b_s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BR]
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BP]
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
             m_i = m_new
-        o_out = ((i_b * num_kv_heads * group + i_h) * n_span + i_s).to(tl.int64) * rows + o_r
+        o_out = ((i_b * num_kv_heads * group + i_h) * n_span + i_s) * rows + o_r
         tl.store(M + o_out, m_i, mask=m_r)
         tl.store(L + o_out, l_i, mask=m_r)
 
@@ -97,48 +102,54 @@ def _sums_kernel(
     Q, K, M, L, COLS, BANDS,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     q_len, kv_len, rows, num_kv_heads, group, n_tiles, tiles_per_span, qk_scale,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_CHUNKS: tl.constexpr,
-    DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_CHUNKS: tl.constexpr, DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_s = tl.program_id(0)
     i_bk = tl.program_id(1)
     i_b = i_bk // num_kv_heads
     i_kh = i_bk % num_kv_heads
-    o_r = tl.arange(0, BLOCK_R)  # [BR]
+    o_p = tl.arange(0, HP * BLOCK_R)  # [BP] HP heads' rows packed one under another
+    o_r = o_p % BLOCK_R  # [BP]
+    o_hp = tl.arange(0, HP)  # [HP]
     o_c = tl.arange(0, BLOCK_N)  # [BN]
     o_d = tl.arange(0, BLOCK_D)  # [BD]
-    m_r = o_r < rows
     m_d = o_d < D
-    o_pos = kv_len - rows + o_r  # [BR]
+    o_pos = kv_len - rows + o_r  # [BP]
     o_q = (q_len - rows + o_r).to(tl.int64)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
-    for g in range(group):
-        i_h = i_kh * group + g
-        bh = (i_b * num_kv_heads * group + i_h).to(tl.int64)
-        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
-        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BR, BD]
-        b_m = tl.load(M + bh * rows + o_r, mask=m_r, other=0.0)  # [BR]
-        b_l = tl.load(L + bh * rows + o_r, mask=m_r, other=1.0)  # [BR]
+    for g0 in range(0, group, HP):
+        o_g = g0 + o_p // BLOCK_R  # [BP]
+        m_r = (o_r < rows) & (o_g < group)
+        i_h = (i_kh * group + o_g).to(tl.int64)  # [BP] query head of each row
+        bh = i_b * num_kv_heads * group + i_h  # [BP]
+        bh_h = (i_b * num_kv_heads * group + i_kh * group + g0 + o_hp).to(tl.int64)  # [HP]
+        m_h = g0 + o_hp < group  # [HP]
+        p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
+        b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
+        b_m = tl.load(M + bh * rows + o_r, mask=m_r, other=0.0)  # [BP]
+        b_l = tl.load(L + bh * rows + o_r, mask=m_r, other=1.0)  # [BP]
         for t in range(tiles_per_span):
             i_t = i_s * tiles_per_span + t
             o_key = i_t * BLOCK_N + o_c  # [BN]
             m_key = o_key < kv_len
             p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
             b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
-            m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BR, BN]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BR, BN] log2 units
-            b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BR, BN]
-            tl.store(COLS + bh * kv_len + o_key, tl.sum(b_p, 0), mask=m_key)
+            m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BP, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BP, BN]
+            col = tl.sum(tl.reshape(b_p, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]: each head's rows
+            tl.store(COLS + bh_h[:, None] * kv_len + o_key[None, :], col, mask=m_h[:, None] & m_key[None, :])
             if DIAGONALS:
-                m_tile = o_key < n_tiles * BLOCK_N  # [BN]: the last span may run past the last tile
+                m_tile = m_h[:, None] & (o_key < n_tiles * BLOCK_N)[None, :]  # the last span may run past the last tile
                 # band offset e = (kv_len - 1 - first key of the tile) - d; row t meets it at column t + e - (rows - 1)
                 for c in tl.static_range(N_CHUNKS):
                     o_e = c * BLOCK_N + o_c  # [BN]
-                    o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BR, BN]
+                    o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BP, BN]
                     m_col = (o_col >= 0) & (o_col < BLOCK_N)
-                    b_g = tl.gather(b_p, tl.where(m_col, o_col, 0), 1)  # [BR, BN]
-                    part = tl.sum(tl.where(m_col, b_g, 0.0), 0)  # [BN]
-                    tl.store(BANDS + (bh * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e, part, mask=m_tile)
+                    b_g = tl.where(m_col, tl.gather(b_p, tl.where(m_col, o_col, 0), 1), 0.0)  # [BP, BN]
+                    part = tl.sum(tl.reshape(b_g, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
+                    tl.store(BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e[None, :], part, mask=m_tile)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, rows: int) -> None:
@@ -180,8 +191,21 @@ def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
     return rev.flatten(2)[..., :kv_len].flip(-1)
 
 
+def heads_per_pass(group: int, block_r: int, pack_rows: int = PACK_ROWS) -> int:
+    """Query heads of a KV group whose rows share one ``[HP · BLOCK_R, BLOCK_N]`` tile: a power of two,
+    at most ``pack_rows // block_r`` (1 when one head's rows fill it), no more than the group needs."""
+    cap = max(1, pack_rows // block_r)
+    return min(next_pow2(group), 1 << (cap.bit_length() - 1))
+
+
 def last_rows_sums_triton(
-    q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, diagonals: bool = True, block_n: int = BLOCK_N
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: int,
+    scale: float,
+    diagonals: bool = True,
+    block_n: int = BLOCK_N,
+    pack_rows: int = PACK_ROWS,
 ) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
@@ -190,6 +214,8 @@ def last_rows_sums_triton(
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
         block_n: keys per tile (a launch knob: 16 to 256, a power of two).
+        pack_rows: most query rows per tile (a launch knob): the rows of :func:`heads_per_pass`
+            heads of a KV group are stacked so that each key tile is loaded once for them all.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
@@ -206,14 +232,16 @@ def last_rows_sums_triton(
     tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (4 * sm_count(q))))
     n_span = math.ceil(n_tiles / tiles_per_span)
     n_chunks = math.ceil((block_r + block_n - 1) / block_n)
+    hp = heads_per_pass(hq // hkv, block_r, pack_rows)
     meta = {
         "D": d,
         "BLOCK_R": block_r,
+        "HP": hp,
         "BLOCK_N": block_n,
         "BLOCK_D": block_d,
         "UPCAST": upcast_dots(q.dtype),
         "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": 8 if block_r >= 128 else 4,
+        "num_warps": 8 if hp * block_r >= 128 else 4,
     }
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     qk_scale = float(scale) * LOG2E

@@ -8,7 +8,7 @@ import pytest
 
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
-from blocksieve.ops.last_rows_stats import kernel_supports, last_rows_sums_triton
+from blocksieve.ops.last_rows_stats import heads_per_pass, kernel_supports, last_rows_sums_triton
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -145,3 +145,21 @@ def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, 
     assert 0.0 < want.density() < 1.0
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
     got.validate()
+
+
+@pytest.mark.parametrize("pack_rows", [1, 128, 256])
+def test_packed_heads_match_one_head_per_pass(pack_rows):
+    # group of 7 (Qwen2.5 14:2), 32 rows: 1, 4 (two passes, the second with a masked head) or 8 heads per pass
+    q, k, _ = qkv(1, 14, 2, 96, 160, 32, dtype=torch.float16, device=DEVICE)
+    k[:, :, 5] *= 3
+    with poisoned_outputs():
+        cols, diags = last_rows_sums_triton(q, k, 32, 32**-0.5, pack_rows=pack_rows)
+    probs = last_rows_probs(q, k, 32, 32**-0.5)
+    assert torch.allclose(cols, probs.sum(2), atol=1e-5)
+    assert torch.allclose(diags, slash_sums(probs, 96, 160), atol=1e-5)
+
+
+def test_heads_per_pass():
+    assert [heads_per_pass(4, r, 256) for r in (16, 64, 128, 256)] == [4, 4, 2, 1]
+    assert [heads_per_pass(7, 32, 256), heads_per_pass(7, 64, 256), heads_per_pass(1, 16, 256), heads_per_pass(4, 64, 1)] == [8, 4, 1, 1]
+    assert [heads_per_pass(4, r) for r in (16, 64, 128)] == [4, 2, 1]  # the default packs at most 128 rows
