@@ -65,12 +65,11 @@ METHODS = {
     "pbs": ("pbs", {}),
     "s2o": ("s2o", {}),
     "s2o_lse": ("s2o", dict(rank="lse")),
-    "s2o_lse_fused": ("s2o", dict(rank="lse", backend="triton")),
     "s2o_sample16": ("s2o", dict(rank="sample", rank_rows=16)),
 }
-SLOW = ("s2o_lse", "s2o_sample16")
-"""S2O's other rankings (PyTorch): 0.49 s and 9 s per selection at 128K on an H100, so only on request.
-``s2o_lse_fused`` (the ``lse`` ranking through :mod:`blocksieve.ops.segment_lse`) runs by default."""
+SLOW = ("s2o_sample16",)
+"""S2O's ``sample`` ranking (PyTorch): 9 s per selection at 128K on an H100, so only on request.
+``s2o_lse`` runs through :mod:`blocksieve.ops.segment_lse` on CUDA."""
 
 
 def timed(fn, reps=10):

@@ -18,9 +18,9 @@ density on SmolLM2, see docs/dev/blocks_notes.md). ``sink_blocks=0`` gives the p
 Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_seg) · mean(k_blk)``;
 ``"lse"`` by ``log Σ_{j ∈ blk} exp(mean(q_seg) · k_j / √d)``, the mass the segment's mean query
 gives the block (:func:`blocksieve.select.score.block_logsumexp`, O(segments · L · D) instead of
-O(segments · blocks · D)), which does not average one strong key away (with ``backend="triton"`` a
-fused kernel, :mod:`blocksieve.ops.segment_lse`, computes it without storing the scores;
-``"auto"`` keeps the chunked PyTorch rule until that kernel has been timed on a GPU); ``"sample"`` by the summed softmax mass that
+O(segments · blocks · D)), which does not average one strong key away (on CUDA a fused kernel,
+:mod:`blocksieve.ops.segment_lse`, computes it without storing the scores; elsewhere, or for head
+dims and block sizes that are not powers of two >= 16, a chunked PyTorch rule); ``"sample"`` by the summed softmax mass that
 ``rank_rows`` strided query rows of the segment give the block (an estimate of the segment's
 true block mass; ``rank_rows / segment`` of the dense score cost, 1/32 by default).
 
@@ -45,6 +45,12 @@ from blocksieve.select.choose import CHUNK_ELEMENTS
 from blocksieve.select.force import own_segment_blocks, segment_start
 from blocksieve.select.pool import block_mean
 from blocksieve.select.score import block_logsumexp, grouped_dot
+
+
+def _lse_kernel_takes(k: torch.Tensor, block_k: int) -> bool:
+    """Whether :func:`~blocksieve.ops.segment_lse.segment_block_lse_triton` takes these keys and blocks."""
+    pow2 = all(x >= 16 and not x & (x - 1) for x in (k.shape[-1], block_k))
+    return pow2 and k.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ class S2O(SparseMethod):
         qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
             return grouped_dot(qs, block_mean(k, c.block_k))
-        if c.backend == "triton":  # not yet under "auto": the kernel has not run on a GPU (docs/dev/blocks_notes.md)
+        if c.backend == "triton" or (c.backend == "auto" and k.is_cuda and _lse_kernel_takes(k, c.block_k)):
             from blocksieve.ops.segment_lse import segment_block_lse_triton  # imports Triton: only when run
 
             return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, lkv - lq - off)
