@@ -46,7 +46,8 @@ BLOCK_N = 64
 MAX_ROWS = 256
 MAX_HEAD_DIM = 256
 PACK_ROWS = 128
-"""Most query rows (of the heads of one KV group) stacked in one score tile."""
+"""Most query rows (of the heads of one KV group) stacked in one score tile: two 64-row heads, one
+128-row head (the fastest of 1-512 on an H100, docs/dev/blocks_notes.md, session 14)."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
