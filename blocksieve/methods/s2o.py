@@ -47,12 +47,6 @@ from blocksieve.select.pool import block_mean
 from blocksieve.select.score import block_logsumexp, grouped_dot
 
 
-def _lse_kernel_takes(k: torch.Tensor, block_k: int) -> bool:
-    """Whether :func:`~blocksieve.ops.segment_lse.segment_block_lse_triton` takes these keys and blocks."""
-    pow2 = all(x >= 16 and not x & (x - 1) for x in (k.shape[-1], block_k))
-    return pow2 and k.dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
 @dataclass(frozen=True)
 class S2OConfig:
     segment: int = 128
@@ -178,10 +172,11 @@ class S2O(SparseMethod):
         qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
             return grouped_dot(qs, block_mean(k, c.block_k))
-        if c.backend == "triton" or (c.backend == "auto" and k.is_cuda and _lse_kernel_takes(k, c.block_k)):
-            from blocksieve.ops.segment_lse import segment_block_lse_triton  # imports Triton: only when run
+        if c.backend == "triton" or (c.backend == "auto" and k.is_cuda):
+            from blocksieve.ops.segment_lse import kernel_supports, segment_block_lse_triton  # imports Triton: only when run
 
-            return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, lkv - lq - off)
+            if c.backend == "triton" or kernel_supports(k, c.block_k):
+                return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, lkv - lq - off)
         return block_logsumexp(qs, k, c.block_k, d**-0.5)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:

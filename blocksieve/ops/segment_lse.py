@@ -28,7 +28,9 @@ import triton.language as tl
 from blocksieve.ops._triton_utils import last_dim_contiguous
 from blocksieve.ops.alloc import empty_output
 
-__all__ = ["segment_block_lse_triton"]
+__all__ = ["kernel_supports", "segment_block_lse_triton"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 BLOCK_S = 64
 """Segment means (query rows) per program."""
@@ -90,6 +92,12 @@ def _segment_lse_kernel(
         tl.store(p_o + o_jj[None, :], tl.full((BLOCK_S_, NB), float("-inf"), tl.float32), mask=m_s[:, None] & (o_jj[None, :] < nk))
 
 
+def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
+    """Whether :func:`segment_block_lse_triton` takes these keys and key blocks (the device aside)."""
+    pow2 = all(x >= 16 and not x & (x - 1) for x in (k.shape[-1], block_k))
+    return pow2 and k.dtype in SUPPORTED_DTYPES
+
+
 def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, scale: float, segment: int, base: int) -> torch.Tensor:
     """``[B, Hq, NS, NK]`` fp32 block log-sum-exp of the segment means ``qs [B, Hq, NS, D]`` (see module docstring).
 
@@ -103,7 +111,7 @@ def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, sc
         raise ValueError(f"qs {tuple(qs.shape)} and k {tuple(k.shape)} must share B and D, with Hq a multiple of Hkv")
     if any(x < 16 or x & (x - 1) for x in (d, block_k)):
         raise ValueError(f"block_k={block_k} and D={d} must be powers of two >= 16 for the Triton path")
-    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if k.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"k has dtype {k.dtype}: the kernel takes float16, bfloat16 or float32 keys")
     if qs.device != k.device:
         raise ValueError(f"qs is on {qs.device} and k on {k.device}: put both on one device")

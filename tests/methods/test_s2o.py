@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import blocksieve
-from blocksieve.methods.s2o import _lse_kernel_takes, rank_key
+from blocksieve.methods.s2o import rank_key
 from blocksieve.ops.reference import reference_attention
 from blocksieve.select.pool import block_mean, mean_pool
 from tests.helpers import qkv
@@ -133,9 +133,3 @@ def test_s2o_ranking_breaks_ties_by_lower_block_id():
         for n in (6, 7):  # segment 3: past blocks 0-5, all tied
             assert order[0, h, n, forced[0, h, n] :].tolist()[:7] == [0, 1, 2, 3, 4, 5, -1]
 
-
-def test_lse_kernel_takes_powers_of_two_and_kernel_dtypes():
-    k = torch.zeros(1, 1, 8, 64)
-    assert _lse_kernel_takes(k, 64) and _lse_kernel_takes(k.bfloat16(), 16)
-    assert not _lse_kernel_takes(k, 24) and not _lse_kernel_takes(k, 8)  # "auto" then runs the PyTorch rule
-    assert not _lse_kernel_takes(torch.zeros(1, 1, 8, 80), 64) and not _lse_kernel_takes(k.double(), 64)

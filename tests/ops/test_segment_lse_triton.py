@@ -88,3 +88,10 @@ def test_segment_lse_rejects_bad_arguments():
         segment_lse.segment_block_lse_triton(qs[:, :1].expand(1, 3, -1, -1), k.expand(1, 2, -1, -1), 16, 0.25, 32, base)
     with pytest.raises(ValueError, match="block_k=24"):
         blocksieve.method("s2o", segment=48, block_q=16, block_k=24, rank="lse", backend="triton").segment_scores(qs, k)
+
+
+def test_kernel_supports_powers_of_two_and_kernel_dtypes():
+    k = torch.zeros(1, 1, 8, 64)
+    assert segment_lse.kernel_supports(k, 64) and segment_lse.kernel_supports(k.bfloat16(), 16)
+    assert not segment_lse.kernel_supports(k, 24) and not segment_lse.kernel_supports(k, 8)  # S2O's "auto" then runs PyTorch
+    assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 80), 64) and not segment_lse.kernel_supports(k.double(), 64)
