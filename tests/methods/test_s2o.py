@@ -132,4 +132,3 @@ def test_s2o_ranking_breaks_ties_by_lower_block_id():
     for h in range(2):
         for n in (6, 7):  # segment 3: past blocks 0-5, all tied
             assert order[0, h, n, forced[0, h, n] :].tolist()[:7] == [0, 1, 2, 3, 4, 5, -1]
-
