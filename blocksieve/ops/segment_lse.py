@@ -92,10 +92,14 @@ def _segment_lse_kernel(
         tl.store(p_o + o_jj[None, :], tl.full((BLOCK_S_, NB), float("-inf"), tl.float32), mask=m_s[:, None] & (o_jj[None, :] < nk))
 
 
+def _tiles_ok(d: int, block_k: int) -> bool:
+    """Head dim and key block are both powers of two >= 16 (the MMA tile sizes)."""
+    return all(x >= 16 and not x & (x - 1) for x in (d, block_k))
+
+
 def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
     """Whether :func:`segment_block_lse_triton` takes these keys and key blocks (the device aside)."""
-    pow2 = all(x >= 16 and not x & (x - 1) for x in (k.shape[-1], block_k))
-    return pow2 and k.dtype in SUPPORTED_DTYPES
+    return _tiles_ok(k.shape[-1], block_k) and k.dtype in SUPPORTED_DTYPES
 
 
 def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, scale: float, segment: int, base: int) -> torch.Tensor:
@@ -109,7 +113,7 @@ def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, sc
     hkv, lkv = k.shape[1], k.shape[2]
     if k.shape[0] != b or k.shape[3] != d or hq % hkv:
         raise ValueError(f"qs {tuple(qs.shape)} and k {tuple(k.shape)} must share B and D, with Hq a multiple of Hkv")
-    if any(x < 16 or x & (x - 1) for x in (d, block_k)):
+    if not _tiles_ok(d, block_k):
         raise ValueError(f"block_k={block_k} and D={d} must be powers of two >= 16 for the Triton path")
     if k.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"k has dtype {k.dtype}: the kernel takes float16, bfloat16 or float32 keys")
