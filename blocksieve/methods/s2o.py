@@ -15,7 +15,8 @@ segment, before the ranked blocks. A mean-pooled key hides the one sink token, s
 often places it late; without it the walk stops early on real attention (recall 0.68 at 20 %
 density on SmolLM2, see docs/dev/blocks_notes.md). ``sink_blocks=0`` gives the plain rule.
 
-Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_seg) · mean(k_blk)``;
+Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_seg) · mean(k_blk)``
+(on CUDA the products of the past blocks only, on tensor cores: :mod:`blocksieve.ops.segment_dot`);
 ``"lse"`` by ``log Σ_{j ∈ blk} exp(mean(q_seg) · k_j / √d)``, the mass the segment's mean query
 gives the block (:func:`blocksieve.select.score.block_logsumexp`, O(segments · L · D) instead of
 O(segments · blocks · D)), which does not average one strong key away (on CUDA a fused kernel,
@@ -171,7 +172,13 @@ class S2O(SparseMethod):
             return sampled_block_logmass(q, k, c.segment, c.rank_rows, c.block_k, off)
         qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
         if c.rank == "mean":
-            return grouped_dot(qs, block_mean(k, c.block_k))
+            kb = block_mean(k, c.block_k)  # [B, Hkv, NK, D]
+            if c.backend == "triton" or (c.backend == "auto" and k.is_cuda):
+                from blocksieve.ops.segment_dot import kernel_supports, segment_block_dot_triton  # imports Triton: only when run
+
+                if c.backend == "triton" or kernel_supports(d):
+                    return segment_block_dot_triton(qs, kb, c.block_k, c.segment, lkv - lq - off)
+            return grouped_dot(qs, kb)
         if c.backend == "triton" or (c.backend == "auto" and k.is_cuda):
             from blocksieve.ops.segment_lse import kernel_supports, segment_block_lse_triton  # imports Triton: only when run
 

@@ -61,6 +61,33 @@ def next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def heads_per_pass(group: int, block_r: int, pack_rows: int) -> int:
+    """Query heads of a KV group whose ``block_r`` rows each are stacked into one MMA operand of at most
+    ``pack_rows`` rows (so a key tile is loaded once for them): a power of two, at most
+    ``pack_rows // block_r`` (1 when one head's rows fill it), no more than the group needs."""
+    cap = max(1, pack_rows // block_r)
+    return min(next_pow2(group), 1 << (cap.bit_length() - 1))
+
+
+def check_segment_operands(qs: torch.Tensor, keys: torch.Tensor, keys_name: str, base: int) -> None:
+    """Checks shared by S2O's score kernels: segment means ``qs [B, Hq, NS, D]`` and ``keys [B, Hkv, *, D]``
+    on one device, ``Hq`` a multiple of ``Hkv``, and ``base >= 0`` (where segment 0 starts)."""
+    b, hq, _, d = qs.shape
+    if keys.shape[0] != b or keys.shape[3] != d or hq % keys.shape[1]:
+        raise ValueError(f"qs {tuple(qs.shape)} and {keys_name} {tuple(keys.shape)} must share B and D, with Hq a multiple of Hkv")
+    if qs.device != keys.device:
+        raise ValueError(f"qs is on {qs.device} and {keys_name} on {keys.device}: put both on one device")
+    if base < 0:
+        raise ValueError(f"base={base} must be >= 0 (the key position where segment 0 starts)")
+
+
+def segment_grid(ns: int, group: int, block_s: int, pack_rows: int) -> tuple:
+    """``(HP, segment tiles, head packs)`` of S2O's score kernels: ``HP`` heads of a KV group (:func:`heads_per_pass`)
+    stacked per program over tiles of ``block_s`` of the ``ns`` segments."""
+    hp = heads_per_pass(group, block_s, pack_rows)
+    return hp, triton.cdiv(ns, block_s), triton.cdiv(group, hp)
+
+
 def upcast_dots(dtype: torch.dtype) -> bool:
     """Whether kernels should feed ``tl.dot`` fp32 operands: the CPU interpreter multiplies bf16 wrongly.
 

@@ -8,7 +8,7 @@ causal: keys ``<= pos(t)``). They need only two reductions of ``p``:
 * diagonal sums ``diags[b, h, d] = Σ_t p[t, pos(t) - d]`` (:func:`blocksieve.select.score.slash_sums`).
 
 Two passes over the keys, both a program per (span of ``BLOCK_N``-key tiles, KV head) that takes
-the KV group's ``G`` query heads ``HP`` at a time (:func:`heads_per_pass`): their ``R <= BLOCK_R``
+the KV group's ``G`` query heads ``HP`` at a time (:func:`~blocksieve.ops._triton_utils.heads_per_pass`): their ``R <= BLOCK_R``
 rows of ``q`` each are stacked into one ``[HP · BLOCK_R, D]`` operand (query head ``h`` reads KV
 head ``h // G``), so each key tile of the span is loaded once per ``HP`` heads and multiplied in one
 larger product (about four programs per SM; a span's tiles stay in L2 across the passes):
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, mma_operand, next_pow2, sm_count, upcast_dots
+from blocksieve.ops._triton_utils import heads_per_pass, interpreting, mma_operand, next_pow2, sm_count, upcast_dots
 from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
@@ -192,13 +192,6 @@ def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
     return rev.flatten(2)[..., :kv_len].flip(-1)
 
 
-def heads_per_pass(group: int, block_r: int, pack_rows: int = PACK_ROWS) -> int:
-    """Query heads of a KV group whose rows share one ``[HP · BLOCK_R, BLOCK_N]`` tile: a power of two,
-    at most ``pack_rows // block_r`` (1 when one head's rows fill it), no more than the group needs."""
-    cap = max(1, pack_rows // block_r)
-    return min(next_pow2(group), 1 << (cap.bit_length() - 1))
-
-
 def last_rows_sums_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,7 +208,7 @@ def last_rows_sums_triton(
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
         block_n: keys per tile (a launch knob: 16 to 256, a power of two).
-        pack_rows: most query rows per tile (a launch knob): the rows of :func:`heads_per_pass`
+        pack_rows: most query rows per tile (a launch knob): the rows of :func:`~blocksieve.ops._triton_utils.heads_per_pass`
             heads of a KV group are stacked so that each key tile is loaded once for them all.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and

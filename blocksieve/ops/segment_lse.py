@@ -8,8 +8,10 @@ for every key block ``j`` wholly before segment ``i`` (``(j + 1) · block_k <= s
 ``seg_first(i) = base + i · segment``, the blocks S2O may rank) and ``-inf`` elsewhere: the same
 values as :func:`blocksieve.select.score.block_logsumexp` on those blocks, whose other entries
 S2O's ranking leaves out anyway. Scores are never stored: each program takes ``BLOCK_S`` segment
-means of one query head, walks the key blocks up to its last segment's start (about half of the
-``NS × L`` pairs in all) and reduces each ``BLOCK_K``-key block to its log-sum-exp in registers.
+means of up to ``PACK_ROWS // BLOCK_S`` query heads of one KV group (stacked as the rows of one MMA
+operand, so a key tile is loaded once for them), walks one chunk of ``CHUNK_BLOCKS`` key blocks up
+to its last segment's start (about half of the ``NS × L`` pairs in all) and reduces each
+``BLOCK_K``-key block to its log-sum-exp in registers.
 
 Precision: the mean queries are rounded to the keys' dtype for the tensor-core product (bf16 keeps
 8 significant bits, so a score may differ from the fp32 rule by about ``2⁻⁹ · |q̄| · |k|`` and
@@ -25,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import last_dim_contiguous
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -33,10 +35,17 @@ __all__ = ["kernel_supports", "segment_block_lse_triton"]
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 BLOCK_S = 64
-"""Segment means (query rows) per program."""
-BLOCKS_PER_STEP = 4
-"""Key blocks per loop step: their log-sum-exps are stored as one ``[BLOCK_S, BLOCKS_PER_STEP]`` tile."""
-NUM_WARPS = 4
+"""Segment means (query rows) of one head per program."""
+PACK_ROWS = 128
+"""Most query rows per program: the segment means of :func:`heads_per_pass` heads of a KV group are
+stacked so that each key tile is loaded once for them all."""
+CHUNK_BLOCKS = 32
+"""Key blocks per program: a row of key blocks is split over ``ceil(NK / CHUNK_BLOCKS)`` programs
+(each block's log-sum-exp is independent), so the last segments' long rows do not hold up the
+launch."""
+BLOCKS_PER_STEP = 2
+"""Key blocks per loop step: their log-sum-exps are stored as one ``[rows, BLOCKS_PER_STEP]`` tile."""
+NUM_WARPS = 8
 """Warps per program."""
 
 LOG2E = 1.4426950408889634
@@ -49,47 +58,53 @@ def _segment_lse_kernel(
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kl,
     stride_ob, stride_oh, stride_os,
-    num_heads, group, ns, nk, base, qk_scale,
-    SEGMENT: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr, BLOCK_S_: tl.constexpr, D: tl.constexpr,
-    IEEE: tl.constexpr,
+    num_kv_heads, group, n_packs, ns, nk, n_tiles, chunk, base, qk_scale,
+    SEGMENT: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr, BLOCK_S_: tl.constexpr, HP: tl.constexpr,
+    D: tl.constexpr, IEEE: tl.constexpr,
 ):
     # fmt: on
-    i_bh = tl.program_id(1)
-    i_b = i_bh // num_heads
-    i_h = i_bh % num_heads
-    o_s = tl.program_id(0) * BLOCK_S_ + tl.arange(0, BLOCK_S_)  # [BS] segment ids
-    m_s = o_s < ns
-    n_past = tl.minimum((base + o_s * SEGMENT) // BLOCK_K, nk)  # [BS] blocks wholly before each segment
-    n_past = tl.where(m_s, n_past, 0)
+    i_tile = tl.program_id(0) % n_tiles  # tiles of one chunk are neighbours: they read the same keys
+    c0 = tl.program_id(0) // n_tiles * chunk  # this program's key blocks: [c0, c1)
+    c1 = tl.minimum(c0 + chunk, nk)
+    i_b = tl.program_id(1) // (num_kv_heads * n_packs)
+    i_kvh = tl.program_id(1) // n_packs % num_kv_heads
+    o_r = tl.arange(0, HP * BLOCK_S_)  # [R] rows: HP heads' BLOCK_S_ segment means each
+    o_s = i_tile * BLOCK_S_ + o_r % BLOCK_S_  # [R] segment ids
+    o_g = tl.program_id(1) % n_packs * HP + o_r // BLOCK_S_  # [R] head within the KV group
+    m_r = (o_s < ns) & (o_g < group)
+    n_past = tl.minimum((base + o_s * SEGMENT) // BLOCK_K, nk)  # [R] blocks wholly before each segment
+    n_past = tl.where(m_r, n_past, 0)
+    n_hi = tl.minimum(tl.max(n_past, 0), c1)  # blocks this program computes: [c0, n_hi)
     o_d = tl.arange(0, D)
-    p_q = QS + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh + o_s[:, None].to(tl.int64) * stride_qs + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_s[:, None], other=0.0)  # [BS, D] fp32
+    o_h = (i_kvh * group + o_g).to(tl.int64)
+    p_q = QS + i_b.to(tl.int64) * stride_qb + o_h[:, None] * stride_qh + o_s[:, None].to(tl.int64) * stride_qs + o_d[None, :]
+    b_q = tl.load(p_q, mask=(m_r & (n_past > c0))[:, None], other=0.0)  # [R, D] fp32, rows with blocks in the chunk
     if not IEEE:
         b_q = b_q.to(K.dtype.element_ty)
-    p_k = K + i_b.to(tl.int64) * stride_kb + (i_h // group).to(tl.int64) * stride_kh
-    p_o = OUT + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_s[:, None].to(tl.int64) * stride_os
+    p_k = K + i_b.to(tl.int64) * stride_kb + i_kvh.to(tl.int64) * stride_kh
+    p_o = OUT + i_b.to(tl.int64) * stride_ob + o_h[:, None] * stride_oh + o_s[:, None].to(tl.int64) * stride_os
     o_t = tl.arange(0, BLOCK_K)  # [BK] keys of one block
     o_j = tl.arange(0, NB)  # [NB] blocks of one step
-    n_hi = tl.max(n_past, 0)  # blocks this program computes (its last segment's)
-    for j0 in range(0, n_hi, NB):  # NB blocks per step, written as one [BS, NB] tile
-        b_out = tl.full((BLOCK_S_, NB), float("-inf"), tl.float32)
+    for j0 in range(c0, n_hi, NB):  # NB blocks per step, written as one [R, NB] tile
+        b_out = tl.full((HP * BLOCK_S_, NB), float("-inf"), tl.float32)
         for jj in tl.static_range(NB):
             o_k = (j0 + jj) * BLOCK_K + o_t
             b_k = tl.load(p_k + o_k[:, None].to(tl.int64) * stride_kl + o_d[None, :], mask=(o_k < n_hi * BLOCK_K)[:, None], other=0.0)
             if IEEE:
                 b_sc = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
             else:
-                b_sc = tl.dot(b_q, tl.trans(b_k))  # [BS, BK] fp32
+                b_sc = tl.dot(b_q, tl.trans(b_k))  # [R, BK] fp32
             b_sc = b_sc * qk_scale  # log2 domain
             b_m = tl.max(b_sc, 1)
-            b_lse = (b_m + tl.log2(tl.sum(tl.exp2(b_sc - b_m[:, None]), 1))) * 0.6931471805599453  # [BS] natural log
+            b_lse = (b_m + tl.log2(tl.sum(tl.exp2(b_sc - b_m[:, None]), 1))) * 0.6931471805599453  # [R] natural log
             b_out = tl.where(o_j[None, :] == jj, b_lse[:, None], b_out)
         o_jj = j0 + o_j
         b_out = tl.where(o_jj[None, :] < n_past[:, None], b_out, float("-inf"))
-        tl.store(p_o + o_jj[None, :], b_out, mask=m_s[:, None] & (o_jj[None, :] < nk))
-    for j0 in range(tl.cdiv(n_hi, NB) * NB, nk, NB):  # the rest of the row: blocks no segment of this program sees
+        tl.store(p_o + o_jj[None, :], b_out, mask=m_r[:, None] & (o_jj[None, :] < c1))
+    n_done = c0 + tl.cdiv(tl.maximum(n_hi - c0, 0), NB) * NB
+    for j0 in range(n_done, c1, NB):  # the rest of the chunk: blocks no segment of this program sees
         o_jj = j0 + o_j
-        tl.store(p_o + o_jj[None, :], tl.full((BLOCK_S_, NB), float("-inf"), tl.float32), mask=m_s[:, None] & (o_jj[None, :] < nk))
+        tl.store(p_o + o_jj[None, :], tl.full((HP * BLOCK_S_, NB), float("-inf"), tl.float32), mask=m_r[:, None] & (o_jj[None, :] < c1))
 
 
 def _tiles_ok(d: int, block_k: int) -> bool:
@@ -102,35 +117,52 @@ def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
     return _tiles_ok(k.shape[-1], block_k) and k.dtype in SUPPORTED_DTYPES
 
 
-def segment_block_lse_triton(qs: torch.Tensor, k: torch.Tensor, block_k: int, scale: float, segment: int, base: int) -> torch.Tensor:
+def segment_block_lse_triton(
+    qs: torch.Tensor,
+    k: torch.Tensor,
+    block_k: int,
+    scale: float,
+    segment: int,
+    base: int,
+    block_s: int = BLOCK_S,
+    pack_rows: int = PACK_ROWS,
+    chunk_blocks: int = CHUNK_BLOCKS,
+    blocks_per_step: int = BLOCKS_PER_STEP,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
     """``[B, Hq, NS, NK]`` fp32 block log-sum-exp of the segment means ``qs [B, Hq, NS, D]`` (see module docstring).
 
     ``k [B, Hkv, L, D]`` (fp16, bf16 or fp32; ``Hq`` a multiple of ``Hkv``), ``NK = ceil(L / block_k)``;
     ``base >= 0`` is the absolute key position where segment 0 starts (S2O's segments are aligned
-    so that ``base = Lkv - Lq - (Lkv - Lq) % segment``).
+    so that ``base = Lkv - Lq - (Lkv - Lq) % segment``). Launch knobs (they change the speed, not
+    the result): ``block_s`` segments per program (a power of two >= 16), ``pack_rows`` most rows
+    per program (heads of a KV group stacked), ``chunk_blocks`` key blocks per program (>= 1),
+    ``blocks_per_step`` (a power of two) and ``num_warps``.
     """
     b, hq, ns, d = qs.shape
     hkv, lkv = k.shape[1], k.shape[2]
-    if k.shape[0] != b or k.shape[3] != d or hq % hkv:
-        raise ValueError(f"qs {tuple(qs.shape)} and k {tuple(k.shape)} must share B and D, with Hq a multiple of Hkv")
+    check_segment_operands(qs, k, "k", base)
     if not _tiles_ok(d, block_k):
         raise ValueError(f"block_k={block_k} and D={d} must be powers of two >= 16 for the Triton path")
     if k.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"k has dtype {k.dtype}: the kernel takes float16, bfloat16 or float32 keys")
-    if qs.device != k.device:
-        raise ValueError(f"qs is on {qs.device} and k on {k.device}: put both on one device")
-    if base < 0:
-        raise ValueError(f"base={base} must be >= 0 (the key position where segment 0 starts)")
+    if not _tiles_ok(block_s, 16) or chunk_blocks < 1 or blocks_per_step < 1 or blocks_per_step & (blocks_per_step - 1):
+        raise ValueError(
+            f"block_s={block_s} must be a power of two >= 16, chunk_blocks={chunk_blocks} >= 1 and "
+            f"blocks_per_step={blocks_per_step} a power of two"
+        )
     nk = math.ceil(lkv / block_k)
     qs = last_dim_contiguous(qs.float())
     k = last_dim_contiguous(k)
     out = empty_output(b, hq, ns, nk, dtype=torch.float32, device=qs.device)
-    ieee = k.dtype == torch.float32
-    grid = (triton.cdiv(ns, BLOCK_S), b * hq)
+    group = hq // hkv
+    hp, n_tiles, n_packs = segment_grid(ns, group, block_s, pack_rows)
+    grid = (n_tiles * triton.cdiv(nk, chunk_blocks), b * hkv * n_packs)
     _segment_lse_kernel[grid](
         qs, k, out, qs.stride(0), qs.stride(1), qs.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), hq, hq // hkv, ns, nk, base, scale * LOG2E,
-        SEGMENT=segment, BLOCK_K=block_k, NB=BLOCKS_PER_STEP, BLOCK_S_=BLOCK_S, D=d, IEEE=ieee,
-        num_warps=NUM_WARPS, num_stages=2,
+        out.stride(0), out.stride(1), out.stride(2), hkv, group, n_packs, ns, nk, n_tiles,
+        chunk_blocks, base, scale * LOG2E,
+        SEGMENT=segment, BLOCK_K=block_k, NB=blocks_per_step, BLOCK_S_=block_s, HP=hp, D=d,
+        IEEE=k.dtype == torch.float32, num_warps=num_warps, num_stages=2,
     )
     return out

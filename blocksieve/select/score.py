@@ -24,7 +24,8 @@ def grouped_dot(qp: torch.Tensor, kp: torch.Tensor, scale: float = 1.0, dtype: t
     if hq % hkv:
         raise ValueError(f"k has {hkv} heads, q has {hq}: Hq must be a multiple of Hkv")
     s = torch.matmul(qp.to(dtype).reshape(b, hkv, hq // hkv, m, d), kp.to(dtype)[:, :, None].transpose(-1, -2))
-    return s.float().reshape(b, hq, m, n) * scale
+    s = s.float().reshape(b, hq, m, n)
+    return s if scale == 1.0 else s * scale
 
 
 def masked_softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:

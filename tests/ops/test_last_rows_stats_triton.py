@@ -8,7 +8,8 @@ import pytest
 
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
-from blocksieve.ops.last_rows_stats import heads_per_pass, kernel_supports, last_rows_sums_triton
+from blocksieve.ops._triton_utils import heads_per_pass
+from blocksieve.ops.last_rows_stats import PACK_ROWS, kernel_supports, last_rows_sums_triton
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -162,4 +163,4 @@ def test_packed_heads_match_one_head_per_pass(pack_rows):
 def test_heads_per_pass():
     assert [heads_per_pass(4, r, 256) for r in (16, 64, 128, 256)] == [4, 4, 2, 1]
     assert [heads_per_pass(7, 32, 256), heads_per_pass(7, 64, 256), heads_per_pass(1, 16, 256), heads_per_pass(4, 64, 1)] == [8, 4, 1, 1]
-    assert [heads_per_pass(4, r) for r in (16, 64, 128)] == [4, 2, 1]  # the default packs at most 128 rows
+    assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 2, 1]  # the default packs at most 128 rows

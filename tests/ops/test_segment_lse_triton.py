@@ -21,6 +21,13 @@ CASES = [  # (B, Hq, Hkv, Lq, Lkv, D, segment, block_k)
     pytest.param(1, 2, 2, 257, 257, 128, 64, 32, id="L257-G1-D128-bk32"),
     pytest.param(1, 3, 3, 70, 400, 16, 32, 16, id="Lq70-Lkv400-decode-like"),
     pytest.param(1, 2, 1, 150, 150, 256, 32, 16, id="L150-D256"),
+    pytest.param(1, 6, 2, 180, 180, 32, 32, 16, id="L180-G3"),
+]
+
+KNOBS = [  # (block_s, pack_rows, chunk_blocks): launch shapes, none of which may change the result
+    pytest.param(16, 16, 64, id="one-head-whole-rows"),
+    pytest.param(16, 64, 2, id="stacked-heads-chunks-of-2"),
+    pytest.param(16, 128, 3, id="stacked-heads-chunks-of-3"),
 ]
 
 
@@ -37,13 +44,14 @@ def past_blocks(ns, nk, segment, block_k, base):
     return (torch.arange(nk, device=DEVICE)[None, :] + 1) * block_k <= first[:, None]
 
 
+@pytest.mark.parametrize("block_s,pack_rows,chunk", KNOBS)
 @pytest.mark.parametrize("b,hq,hkv,lq,lkv,d,segment,bk", CASES)
-def test_segment_lse_matches_block_logsumexp_fp32(monkeypatch, b, hq, hkv, lq, lkv, d, segment, bk):
-    """Exact fp32 product: the past blocks equal the PyTorch rule, every other entry is -inf; several programs per head."""
-    monkeypatch.setattr(segment_lse, "BLOCK_S", 16)
+def test_segment_lse_matches_block_logsumexp_fp32(b, hq, hkv, lq, lkv, d, segment, bk, block_s, pack_rows, chunk):
+    """Exact fp32 product: the past blocks equal the PyTorch rule, every other entry is -inf, for every
+    launch shape (several programs per head, heads of a group stacked, key blocks split in chunks)."""
     qs, k, base = inputs(b, hq, hkv, lq, lkv, d, segment, torch.float32)
     with poisoned_outputs():
-        got = segment_lse.segment_block_lse_triton(qs, k, bk, d**-0.5, segment, base)
+        got = segment_lse.segment_block_lse_triton(qs, k, bk, d**-0.5, segment, base, block_s, pack_rows, chunk)
     want = block_logsumexp(qs, k, bk, d**-0.5)
     past = past_blocks(qs.shape[2], got.shape[-1], segment, bk, base).expand_as(got)
     assert got.shape == want.shape and got.dtype == torch.float32 and past.any()
@@ -86,6 +94,10 @@ def test_segment_lse_rejects_bad_arguments():
         segment_lse.segment_block_lse_triton(qs, k, 16, 0.25, 32, -32)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         segment_lse.segment_block_lse_triton(qs[:, :1].expand(1, 3, -1, -1), k.expand(1, 2, -1, -1), 16, 0.25, 32, base)
+    with pytest.raises(ValueError, match="block_s=24"):
+        segment_lse.segment_block_lse_triton(qs, k, 16, 0.25, 32, base, block_s=24)
+    with pytest.raises(ValueError, match="chunk_blocks=0"):
+        segment_lse.segment_block_lse_triton(qs, k, 16, 0.25, 32, base, chunk_blocks=0)
     with pytest.raises(ValueError, match="block_k=24"):
         blocksieve.method("s2o", segment=48, block_q=16, block_k=24, rank="lse", backend="triton").segment_scores(qs, k)
 
