@@ -71,12 +71,15 @@ def heads_per_pass(group: int, block_r: int, pack_rows: int) -> int:
 
 def check_segment_operands(qs: torch.Tensor, keys: torch.Tensor, keys_name: str, base: int) -> None:
     """Checks shared by S2O's score kernels: segment means ``qs [B, Hq, NS, D]`` and ``keys [B, Hkv, *, D]``
-    on one device, ``Hq`` a multiple of ``Hkv``, and ``base >= 0`` (where segment 0 starts)."""
+    on one CUDA device (or any under ``TRITON_INTERPRET=1``), ``Hq`` a multiple of ``Hkv``, and
+    ``base >= 0`` (where segment 0 starts)."""
     b, hq, _, d = qs.shape
     if keys.shape[0] != b or keys.shape[3] != d or hq % keys.shape[1]:
         raise ValueError(f"qs {tuple(qs.shape)} and {keys_name} {tuple(keys.shape)} must share B and D, with Hq a multiple of Hkv")
     if qs.device != keys.device:
         raise ValueError(f"qs is on {qs.device} and {keys_name} on {keys.device}: put both on one device")
+    if qs.device.type != "cuda" and not interpreting():
+        raise ValueError(f"qs is on {qs.device}: S2O's score kernels need CUDA tensors (or TRITON_INTERPRET=1); use backend='torch'")
     if base < 0:
         raise ValueError(f"base={base} must be >= 0 (the key position where segment 0 starts)")
 

@@ -60,7 +60,7 @@ def test_s2o_mean_plan_triton_equals_torch():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_segment_dot_rejects_bad_arguments():
+def test_segment_dot_rejects_bad_arguments(monkeypatch):
     qs, kb, base = inputs(1, 2, 1, 64, 64, 16, 32, 16)
     with pytest.raises(ValueError, match="D=24"):
         segment_dot.segment_block_dot_triton(qs[..., :12].repeat(1, 1, 1, 2), kb[..., :12].repeat(1, 1, 1, 2), 16, 32, base)
@@ -73,3 +73,6 @@ def test_segment_dot_rejects_bad_arguments():
     with pytest.raises(ValueError, match="precision"):
         segment_dot.segment_block_dot_triton(qs, kb, 16, 32, base, precision="tf32")
     assert segment_dot.kernel_supports(64) and not segment_dot.kernel_supports(80) and not segment_dot.kernel_supports(512)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        segment_dot.segment_block_dot_triton(qs.cpu(), kb.cpu(), 16, 32, base)

@@ -84,7 +84,7 @@ def test_s2o_lse_plan_triton_equals_torch_fp32():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_segment_lse_rejects_bad_arguments():
+def test_segment_lse_rejects_bad_arguments(monkeypatch):
     qs, k, base = inputs(1, 2, 1, 64, 64, 16, 32, torch.float32)
     with pytest.raises(ValueError, match="block_k=24"):
         segment_lse.segment_block_lse_triton(qs, k, 24, 0.25, 32, base)
@@ -100,6 +100,9 @@ def test_segment_lse_rejects_bad_arguments():
         segment_lse.segment_block_lse_triton(qs, k, 16, 0.25, 32, base, chunk_blocks=0)
     with pytest.raises(ValueError, match="block_k=24"):
         blocksieve.method("s2o", segment=48, block_q=16, block_k=24, rank="lse", backend="triton").segment_scores(qs, k)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        segment_lse.segment_block_lse_triton(qs.cpu(), k.cpu(), 16, 0.25, 32, base)
 
 
 def test_kernel_supports_powers_of_two_and_kernel_dtypes():
