@@ -16,12 +16,13 @@ often places it late; without it the walk stops early on real attention (recall 
 density on SmolLM2, see docs/dev/blocks_notes.md). ``sink_blocks=0`` gives the plain rule.
 
 Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_seg) · mean(k_blk)``
-(on CUDA the products of the past blocks only, on tensor cores: :mod:`blocksieve.ops.segment_dot`);
+(on CUDA, for head dims up to 128, the products of the past blocks only, on tensor cores:
+:mod:`blocksieve.ops.segment_dot`);
 ``"lse"`` by ``log Σ_{j ∈ blk} exp(mean(q_seg) · k_j / √d)``, the mass the segment's mean query
 gives the block (:func:`blocksieve.select.score.block_logsumexp`, O(segments · L · D) instead of
 O(segments · blocks · D)), which does not average one strong key away (on CUDA a fused kernel,
 :mod:`blocksieve.ops.segment_lse`, computes it without storing the scores; elsewhere, or for head
-dims and block sizes that are not powers of two >= 16, a chunked PyTorch rule); ``"sample"`` by the summed softmax mass that
+dims and block sizes that are not powers of two >= 16, or head dims above 128, a chunked PyTorch rule); ``"sample"`` by the summed softmax mass that
 ``rank_rows`` strided query rows of the segment give the block (an estimate of the segment's
 true block mass; ``rank_rows / segment`` of the dense score cost, 1/32 by default).
 

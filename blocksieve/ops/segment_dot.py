@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, segment_grid
+from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -80,9 +80,15 @@ def _segment_dot_kernel(
         tl.store(p_o, tl.full((HP * BLOCK_S_, BLOCK_N_), float("-inf"), tl.float32), mask=m_o)
 
 
-def kernel_supports(d: int) -> bool:
-    """Whether :func:`segment_block_dot_triton` takes head dim ``d`` (a power of two from 16 to 256)."""
+def _head_dim_ok(d: int) -> bool:
+    """The kernel takes head dim ``d``: a power of two from 16 to 256."""
     return 16 <= d <= 256 and not d & (d - 1)
+
+
+def kernel_supports(d: int) -> bool:
+    """Whether S2O's ``backend="auto"`` runs :func:`segment_block_dot_triton` for head dim ``d``: the kernel
+    takes it, and it is at most ``S2O_AUTO_MAX_HEAD_DIM``."""
+    return _head_dim_ok(d) and d <= S2O_AUTO_MAX_HEAD_DIM
 
 
 def segment_block_dot_triton(
@@ -109,7 +115,7 @@ def segment_block_dot_triton(
     b, hq, ns, d = qs.shape
     hkv, nk = kb.shape[1], kb.shape[2]
     check_segment_operands(qs, kb, "kb", base)
-    if not kernel_supports(d):
+    if not _head_dim_ok(d):
         raise ValueError(f"head dim D={d} must be a power of two from 16 to 256 for the Triton path")
     if block_k <= 0 or segment <= 0:
         raise ValueError(f"block_k={block_k} and segment={segment} must be positive")

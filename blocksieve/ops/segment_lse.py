@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, segment_grid
+from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -113,8 +113,10 @@ def _tiles_ok(d: int, block_k: int) -> bool:
 
 
 def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
-    """Whether :func:`segment_block_lse_triton` takes these keys and key blocks (the device aside)."""
-    return _tiles_ok(k.shape[-1], block_k) and k.dtype in SUPPORTED_DTYPES
+    """Whether S2O's ``backend="auto"`` runs :func:`segment_block_lse_triton` on these keys and key blocks
+    (the device aside): the kernel takes them, and the head dim is at most ``S2O_AUTO_MAX_HEAD_DIM``."""
+    d = k.shape[-1]
+    return _tiles_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= S2O_AUTO_MAX_HEAD_DIM
 
 
 def segment_block_lse_triton(

@@ -72,7 +72,8 @@ def test_segment_dot_rejects_bad_arguments(monkeypatch):
         segment_dot.segment_block_dot_triton(qs, kb, 16, 32, base, block_n=24)
     with pytest.raises(ValueError, match="precision"):
         segment_dot.segment_block_dot_triton(qs, kb, 16, 32, base, precision="tf32")
-    assert segment_dot.kernel_supports(64) and not segment_dot.kernel_supports(80) and not segment_dot.kernel_supports(512)
+    assert segment_dot.kernel_supports(64) and segment_dot.kernel_supports(128) and not segment_dot.kernel_supports(80)
+    assert not segment_dot.kernel_supports(256) and not segment_dot.kernel_supports(512)  # 256: the kernel takes it, "auto" does not
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA tensors"):
         segment_dot.segment_block_dot_triton(qs.cpu(), kb.cpu(), 16, 32, base)

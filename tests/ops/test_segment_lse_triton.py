@@ -110,3 +110,4 @@ def test_kernel_supports_powers_of_two_and_kernel_dtypes():
     assert segment_lse.kernel_supports(k, 64) and segment_lse.kernel_supports(k.bfloat16(), 16)
     assert not segment_lse.kernel_supports(k, 24) and not segment_lse.kernel_supports(k, 8)  # S2O's "auto" then runs PyTorch
     assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 80), 64) and not segment_lse.kernel_supports(k.double(), 64)
+    assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 256), 64)  # tiles not run on a GPU at 256: "auto" runs PyTorch
