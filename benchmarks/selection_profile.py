@@ -103,9 +103,9 @@ def main(argv=None):
     out = args.out / f"selection_profile_{device_tag()}.json"
     res = {"environment": environment(), "rows": []}
     t0 = time.time()
+    parts = args.parts.split(",")
     for n in args.lengths:
         q, k, _ = synthetic(n)
-        parts = args.parts.split(",")
         for name, x, block in (("q", q, 64), ("q", q, 512), ("k", k, 128), ("k", k, 512)) if "pool" in parts else ():
             res["rows"] += pool_rows(x, name, block)
         res["rows"] += s2o_sort_rows(q, k) if "sort" in parts else []

@@ -172,19 +172,21 @@ class S2O(SparseMethod):
         if c.rank == "sample":
             return sampled_block_logmass(q, k, c.segment, c.rank_rows, c.block_k, off)
         qs = block_mean(q, c.segment, off)  # [B, Hq, NS, D]
+        base = lkv - lq - off  # absolute key position where segment 0 starts
+        kernel = c.backend == "triton" or (c.backend == "auto" and k.is_cuda)  # try a Triton kernel ("auto": where it supports the shapes)
         if c.rank == "mean":
             kb = block_mean(k, c.block_k)  # [B, Hkv, NK, D]
-            if c.backend == "triton" or (c.backend == "auto" and k.is_cuda):
+            if kernel:
                 from blocksieve.ops.segment_dot import kernel_supports, segment_block_dot_triton  # imports Triton: only when run
 
                 if c.backend == "triton" or kernel_supports(d):
-                    return segment_block_dot_triton(qs, kb, c.block_k, c.segment, lkv - lq - off)
+                    return segment_block_dot_triton(qs, kb, c.block_k, c.segment, base)
             return grouped_dot(qs, kb)
-        if c.backend == "triton" or (c.backend == "auto" and k.is_cuda):
+        if kernel:
             from blocksieve.ops.segment_lse import kernel_supports, segment_block_lse_triton  # imports Triton: only when run
 
             if c.backend == "triton" or kernel_supports(k, c.block_k):
-                return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, lkv - lq - off)
+                return segment_block_lse_triton(qs, k, c.block_k, d**-0.5, c.segment, base)
         return block_logsumexp(qs, k, c.block_k, d**-0.5)
 
     def plan(self, q: torch.Tensor, k: torch.Tensor) -> tuple:

@@ -61,6 +61,11 @@ def next_pow2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def mma_sizes_ok(*sizes: int) -> bool:
+    """Every size is a power of two >= 16 (a size ``tl.dot`` tiles take: rows, columns, head dims)."""
+    return all(x >= 16 and not x & (x - 1) for x in sizes)
+
+
 def heads_per_pass(group: int, block_r: int, pack_rows: int) -> int:
     """Query heads of a KV group whose ``block_r`` rows each are stacked into one MMA operand of at most
     ``pack_rows`` rows (so a key tile is loaded once for them): a power of two, at most

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, segment_grid
+from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -82,7 +82,7 @@ def _segment_dot_kernel(
 
 def _head_dim_ok(d: int) -> bool:
     """The kernel takes head dim ``d``: a power of two from 16 to 256."""
-    return 16 <= d <= 256 and not d & (d - 1)
+    return mma_sizes_ok(d) and d <= 256
 
 
 def kernel_supports(d: int) -> bool:
@@ -119,7 +119,7 @@ def segment_block_dot_triton(
         raise ValueError(f"head dim D={d} must be a power of two from 16 to 256 for the Triton path")
     if block_k <= 0 or segment <= 0:
         raise ValueError(f"block_k={block_k} and segment={segment} must be positive")
-    if any(x < 16 or x & (x - 1) for x in (block_s, block_n)) or precision not in PRECISIONS:
+    if not mma_sizes_ok(block_s, block_n) or precision not in PRECISIONS:
         raise ValueError(f"block_s={block_s} and block_n={block_n} must be powers of two >= 16, precision one of {PRECISIONS}")
     qs = last_dim_contiguous(qs.float())
     kb = last_dim_contiguous(kb.float())

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, segment_grid
+from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -107,16 +107,11 @@ def _segment_lse_kernel(
         tl.store(p_o + o_jj[None, :], tl.full((HP * BLOCK_S_, NB), float("-inf"), tl.float32), mask=m_r[:, None] & (o_jj[None, :] < c1))
 
 
-def _tiles_ok(d: int, block_k: int) -> bool:
-    """Head dim and key block are both powers of two >= 16 (the MMA tile sizes)."""
-    return all(x >= 16 and not x & (x - 1) for x in (d, block_k))
-
-
 def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
     """Whether S2O's ``backend="auto"`` runs :func:`segment_block_lse_triton` on these keys and key blocks
     (the device aside): the kernel takes them, and the head dim is at most ``S2O_AUTO_MAX_HEAD_DIM``."""
     d = k.shape[-1]
-    return _tiles_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= S2O_AUTO_MAX_HEAD_DIM
+    return mma_sizes_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= S2O_AUTO_MAX_HEAD_DIM
 
 
 def segment_block_lse_triton(
@@ -144,11 +139,11 @@ def segment_block_lse_triton(
     b, hq, ns, d = qs.shape
     hkv, lkv = k.shape[1], k.shape[2]
     check_segment_operands(qs, k, "k", base)
-    if not _tiles_ok(d, block_k):
+    if not mma_sizes_ok(d, block_k):
         raise ValueError(f"block_k={block_k} and D={d} must be powers of two >= 16 for the Triton path")
     if k.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"k has dtype {k.dtype}: the kernel takes float16, bfloat16 or float32 keys")
-    if not _tiles_ok(block_s, 16) or chunk_blocks < 1 or blocks_per_step < 1 or blocks_per_step & (blocks_per_step - 1):
+    if not mma_sizes_ok(block_s) or chunk_blocks < 1 or blocks_per_step < 1 or blocks_per_step & (blocks_per_step - 1):
         raise ValueError(
             f"block_s={block_s} must be a power of two >= 16, chunk_blocks={chunk_blocks} >= 1 and "
             f"blocks_per_step={blocks_per_step} a power of two"
