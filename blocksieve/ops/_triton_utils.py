@@ -74,14 +74,6 @@ def heads_per_pass(group: int, block_r: int, pack_rows: int) -> int:
     return min(next_pow2(group), 1 << (cap.bit_length() - 1))
 
 
-S2O_AUTO_MAX_HEAD_DIM = 128
-"""Largest head dim that S2O's ``backend="auto"`` sends to its score kernels (:mod:`~blocksieve.ops.segment_lse`,
-:mod:`~blocksieve.ops.segment_dot`). Their default tiles ran on a GPU at 128 channels (session 15);
-at 256 the stacked rows and key tiles would need about twice the shared memory (near or past the
-H100's 227 KiB), which no GPU run has checked, so larger head dims take the PyTorch rule unless
-``backend="triton"`` asks for the kernel."""
-
-
 def check_segment_operands(qs: torch.Tensor, keys: torch.Tensor, keys_name: str, base: int) -> None:
     """Checks shared by S2O's score kernels: segment means ``qs [B, Hq, NS, D]`` and ``keys [B, Hkv, *, D]``
     on one CUDA device (or any under ``TRITON_INTERPRET=1``), ``Hq`` a multiple of ``Hkv``, and

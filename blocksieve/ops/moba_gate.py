@@ -16,8 +16,11 @@ reads bf16 q at 2.7-3.2 TB/s, faster than each Triton pooling kernel we timed, s
   the ``G`` query heads of the KV group times ``QT`` query blocks, so each chunk of ``BN`` pooled
   keys is loaded once for all of them. Per chunk: ``[M, BN]`` scores by one fp32 ``tl.dot``
   (``input_precision="ieee"``: no TF32 rounding, as ``grouped_dot``), own/future blocks set to
-  ``-inf``, then a running top-``K1`` list per row is merged with the chunk by ``K1`` rounds of
-  argmax (skipped when no score beats the row's current ``K1``-th). Ties go to the lower block id
+  ``-inf``, then a running top-``K1`` list per row (unordered) takes the chunk's best scores, one
+  per round, each in place of the list's worst entry; a chunk runs as many rounds as the most of
+  its scores that beat a row's current ``K1``-th (at most ``K1``; none: the chunk is skipped), so
+  the later chunks of a row, which seldom hold ``K1`` better blocks, cost fewer rounds than the
+  first (session 15's merge ran ``K1`` rounds of argmax over list and chunk). Ties go to the lower block id
   (``torch.topk`` may break ties otherwise); NaN gates (non-finite inputs) are never kept and may
   hide the rest of their row, where ``torch.topk`` ranks them first.
   The kept ids, the own block(s) and the sinks (a sink also chosen or own is kept once) are sorted
@@ -43,7 +46,7 @@ __all__ = ["moba_layout"]
 
 ROWS = 32
 """Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
-BN = 64
+BN = 128
 """Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
 GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 """Launch options of the gate kernel. One pipeline stage: 48 KB of shared memory instead of 80 KB at
@@ -53,24 +56,26 @@ three, so more programs fit per SM. Two H100 sweeps (CUDA graphs, ``benchmarks/m
 
 
 @triton.jit
-def _merge_top(b_v, b_id, b_s, o_key, o_c, K1: tl.constexpr):
-    """Top ``K1`` of the running list ``(b_v, b_id) [M, CC]`` and the chunk ``b_s [M, BN]`` (ids ``o_key``).
+def _merge_top(b_v, b_id, b_s, o_key, o_c, n_in, K1: tl.constexpr):
+    """Merge the chunk ``b_s [M, BN]`` (ids ``o_key``, all above the list's) into the top-``K1`` list ``(b_v, b_id) [M, CC]``.
 
-    ``K1`` rounds of argmax; equal scores go to the lower id; ``-inf`` entries are never kept (id -1).
+    ``n_in`` rounds (the most chunk scores of a row that beat its list's worst, at most ``K1``). Each
+    round takes a row's best remaining chunk score (the lower id on ties) and puts it in place of the
+    list's worst entry (the lowest score, the higher id on ties; an empty slot first) if it is
+    strictly higher: an equal score loses, its id being higher. The list is kept unordered;
+    ``-inf`` entries never enter (id -1 stays).
     """
-    n_v = tl.full(b_v.shape, float("-inf"), tl.float32)  # [M, CC]
-    n_id = tl.full(b_id.shape, -1, tl.int32)
-    for t in range(K1):
-        mx = tl.maximum(tl.max(b_v, 1), tl.max(b_s, 1))  # [M]
-        pick_v = tl.min(tl.where(b_v == mx[:, None], b_id, 2147483647), 1)
-        pick_s = tl.min(tl.where(b_s == mx[:, None], o_key[None, :], 2147483647), 1)
-        pick = tl.minimum(pick_v, pick_s)  # [M]
-        m_t = o_c[None, :] == t  # [1, CC]
-        n_v = tl.where(m_t, mx[:, None], n_v)
-        n_id = tl.where(m_t & (mx[:, None] > float("-inf")), pick[:, None], n_id)
-        b_v = tl.where(b_id == pick[:, None], float("-inf"), b_v)
+    for t in range(n_in):
+        mx = tl.max(b_s, 1)  # [M] best remaining chunk score
+        pick = tl.min(tl.where(b_s == mx[:, None], o_key[None, :], 2147483647), 1)  # [M] its id
+        b_w = tl.where(o_c[None, :] < K1, b_v, float("inf"))  # [M, CC] list scores
+        worst = tl.min(b_w, 1)  # [M]
+        w_key = tl.where(b_w == worst[:, None], b_id * b_id.shape[1] + o_c[None, :], -2147483647)
+        m_upd = (w_key == tl.max(w_key, 1)[:, None]) & (mx > worst)[:, None]  # [M, CC] the worst slot, if beaten
+        b_v = tl.where(m_upd, mx[:, None], b_v)
+        b_id = tl.where(m_upd, pick[:, None], b_id)
         b_s = tl.where(o_key[None, :] == pick[:, None], float("-inf"), b_s)
-    return n_v, n_id
+    return b_v, b_id
 
 
 # fmt: off
@@ -111,8 +116,9 @@ def _moba_gate_kernel(
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BN]
             b_s = tl.where(o_key[None, :] < n_past[:, None], b_s, float("-inf"))
             thr = tl.min(tl.where(o_c[None, :] < K1, b_v, float("inf")), 1)  # [M] current K1-th score
-            if tl.max(tl.max((b_s > thr[:, None]).to(tl.int32), 1), 0) > 0:  # some score enters a top list
-                b_v, b_cid = _merge_top(b_v, b_cid, b_s, o_key, o_c, K1)
+            n_in = tl.minimum(tl.max(tl.sum((b_s > thr[:, None]).to(tl.int32), 1), 0), K1)  # most entries a row takes
+            if n_in > 0:
+                b_v, b_cid = _merge_top(b_v, b_cid, b_s, o_key, o_c, n_in, K1)
     own_lo, own_hi = first // MOBA, last // MOBA  # [M]
     o_s = o_c[None, :] - K1  # [1, CC] column within the own span
     b_own = own_lo[:, None] + o_s  # [M, CC]

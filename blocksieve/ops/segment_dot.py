@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -36,11 +36,17 @@ __all__ = ["kernel_supports", "segment_block_dot_triton"]
 BLOCK_S = 32
 """Segment means (query rows) of one head per program."""
 PACK_ROWS = 128
-"""Most query rows per program (heads of a KV group stacked)."""
+"""Most query rows per program (heads of a KV group stacked), at head dims up to 128 (:func:`default_tiles`)."""
 BLOCK_N = 128
-"""Key blocks per program."""
+"""Key blocks per program, at head dims up to 128 (:func:`default_tiles`)."""
 NUM_WARPS = 8
 """Warps per program."""
+AUTO_MAX_HEAD_DIM = 128
+"""Largest head dim that S2O's ``backend="auto"`` sends to this kernel. At 256 channels its tiles are
+halved (:func:`default_tiles`; the head-dim-128 tiles ask for 256 KiB of shared memory) and it is
+no faster than :func:`~blocksieve.select.score.grouped_dot` (H100, session 16, ``Hq=16, Hkv=8``,
+two runs: 0.077-0.107 / 0.473-0.475 ms against 0.070-0.114 / 0.468-0.472 ms at 32K / 128K;
+``benchmarks/results/s2o_rank_h100_s16*.json``), so "auto" keeps ``torch.matmul`` there."""
 PRECISIONS = ("tf32x3", "ieee")
 
 
@@ -85,10 +91,18 @@ def _head_dim_ok(d: int) -> bool:
     return mma_sizes_ok(d) and d <= 256
 
 
+def default_tiles(d: int) -> tuple[int, int]:
+    """``(pack_rows, block_n)`` for head dim ``d``: ``PACK_ROWS`` and ``BLOCK_N`` up to 128 channels,
+    halved for each doubling above, so that the fp32 operands, ``(pack_rows + block_n) · d · 4`` bytes,
+    stay at 128 KiB of shared memory."""
+    shrink = max(1, d // 128)
+    return PACK_ROWS // shrink, BLOCK_N // shrink
+
+
 def kernel_supports(d: int) -> bool:
     """Whether S2O's ``backend="auto"`` runs :func:`segment_block_dot_triton` for head dim ``d``: the kernel
-    takes it, and it is at most ``S2O_AUTO_MAX_HEAD_DIM``."""
-    return _head_dim_ok(d) and d <= S2O_AUTO_MAX_HEAD_DIM
+    takes it, and it is at most ``AUTO_MAX_HEAD_DIM``."""
+    return _head_dim_ok(d) and d <= AUTO_MAX_HEAD_DIM
 
 
 def segment_block_dot_triton(
@@ -98,8 +112,8 @@ def segment_block_dot_triton(
     segment: int,
     base: int,
     block_s: int = BLOCK_S,
-    pack_rows: int = PACK_ROWS,
-    block_n: int = BLOCK_N,
+    pack_rows: int | None = None,
+    block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     precision: str = "tf32x3",
 ) -> torch.Tensor:
@@ -110,9 +124,13 @@ def segment_block_dot_triton(
     starts (as for :func:`blocksieve.ops.segment_lse.segment_block_lse_triton`). ``D`` a power of
     two from 16 to 256. Launch knobs (they change the speed, not the result beyond rounding):
     ``block_s`` and ``block_n`` (powers of two >= 16), ``pack_rows``, ``num_warps``; ``precision``
-    ``"tf32x3"`` (tensor cores) or ``"ieee"`` (fp32 FMA).
+    ``"tf32x3"`` (tensor cores) or ``"ieee"`` (fp32 FMA). ``pack_rows`` and ``block_n`` default to
+    :func:`default_tiles` of the head dim.
     """
     b, hq, ns, d = qs.shape
+    tiles = default_tiles(d)
+    pack_rows = tiles[0] if pack_rows is None else pack_rows
+    block_n = tiles[1] if block_n is None else block_n
     hkv, nk = kb.shape[1], kb.shape[2]
     check_segment_operands(qs, kb, "kb", base)
     if not _head_dim_ok(d):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import S2O_AUTO_MAX_HEAD_DIM, check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -38,7 +38,9 @@ BLOCK_S = 64
 """Segment means (query rows) of one head per program."""
 PACK_ROWS = 128
 """Most query rows per program: the segment means of :func:`heads_per_pass` heads of a KV group are
-stacked so that each key tile is loaded once for them all."""
+stacked so that each key tile is loaded once for them all. Also the fastest of the launch shapes
+timed at head dim 256 (H100, session 16, ``Hq=16, Hkv=8``: 0.238 / 2.16 ms at 32K / 128K against
+0.327 / 3.66 ms with 64 rows; ``benchmarks/results/s2o_rank_h100_s16.json``)."""
 CHUNK_BLOCKS = 32
 """Key blocks per program: a row of key blocks is split over ``ceil(NK / CHUNK_BLOCKS)`` programs
 (each block's log-sum-exp is independent), so the last segments' long rows do not hold up the
@@ -47,6 +49,9 @@ BLOCKS_PER_STEP = 2
 """Key blocks per loop step: their log-sum-exps are stored as one ``[rows, BLOCKS_PER_STEP]`` tile."""
 NUM_WARPS = 8
 """Warps per program."""
+AUTO_MAX_HEAD_DIM = 256
+"""Largest head dim that S2O's ``backend="auto"`` sends to this kernel: the default launch ran on a GPU
+at 128 and 256 channels (sessions 15-16), no larger."""
 
 LOG2E = 1.4426950408889634
 
@@ -109,9 +114,9 @@ def _segment_lse_kernel(
 
 def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
     """Whether S2O's ``backend="auto"`` runs :func:`segment_block_lse_triton` on these keys and key blocks
-    (the device aside): the kernel takes them, and the head dim is at most ``S2O_AUTO_MAX_HEAD_DIM``."""
+    (the device aside): the kernel takes them, and the head dim is at most ``AUTO_MAX_HEAD_DIM``."""
     d = k.shape[-1]
-    return mma_sizes_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= S2O_AUTO_MAX_HEAD_DIM
+    return mma_sizes_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= AUTO_MAX_HEAD_DIM
 
 
 def segment_block_lse_triton(

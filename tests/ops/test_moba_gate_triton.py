@@ -94,13 +94,17 @@ def test_method_backend_and_key_conv():
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
 
 
-def test_ties_go_to_the_lowest_block():
-    """Zero keys tie every gate; the kernel keeps the lowest past blocks, as a strictly decreasing gate would."""
-    c = {"moba_block": 64, "top_k": 4, "block_q": 64, "block_k": 64, "sink_blocks": 0}
-    q = torch.rand(1, 2, 512, 16, device=DEVICE) + 0.1  # positive mean queries
-    ramp = -torch.arange(512, device=DEVICE).div(64, rounding_mode="floor").float()  # block i: gate ∝ -i
-    want = blocksieve.method("moba", backend="torch", **c).select(q, ramp[None, None, :, None].expand(1, 1, 512, 16))
-    got = kernel_layout(q, torch.zeros(1, 1, 512, 16, device=DEVICE), c)
+@pytest.mark.parametrize("mb,length", [(64, 512), (4, 640)], ids=["one-key-chunk", "three-key-chunks"])
+def test_ties_go_to_the_lowest_block(mb, length):
+    """Zero keys tie every gate; the kernel keeps the lowest past blocks, as a strictly decreasing gate would.
+
+    With 160 pooled keys (three chunks of 64) an equal score in a later chunk must not displace a kept one.
+    """
+    c = {"moba_block": mb, "top_k": 4, "block_q": 64, "block_k": mb, "sink_blocks": 0}
+    q = torch.rand(1, 2, length, 16, device=DEVICE) + 0.1  # positive mean queries
+    ramp = -torch.arange(length, device=DEVICE).div(mb, rounding_mode="floor").float()  # block i: gate ∝ -i
+    want = blocksieve.method("moba", backend="torch", **c).select(q, ramp[None, None, :, None].expand(1, 1, length, 16))
+    got = kernel_layout(q, torch.zeros(1, 1, length, 16, device=DEVICE), c)
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
 
 

@@ -21,12 +21,13 @@ CASES = [  # (B, Hq, Hkv, Lq, Lkv, D, segment, block_k)
     pytest.param(1, 6, 2, 500, 500, 16, 16, 16, id="L500-G3-s16"),
     pytest.param(1, 3, 3, 70, 400, 16, 32, 16, id="Lq70-Lkv400-decode-like"),
     pytest.param(1, 2, 1, 150, 150, 256, 32, 16, id="L150-D256"),
+    pytest.param(1, 8, 2, 300, 300, 256, 64, 32, id="L300-G4-D256"),
 ]
 
 KNOBS = [  # (block_s, pack_rows, block_n, precision)
     pytest.param(16, 16, 16, "ieee", id="one-head-ieee"),
     pytest.param(16, 64, 16, "tf32x3", id="stacked-heads-tf32x3"),
-    pytest.param(32, 128, 128, "tf32x3", id="defaults"),
+    pytest.param(32, None, None, "tf32x3", id="defaults"),  # default_tiles of the head dim
 ]
 
 
@@ -74,6 +75,7 @@ def test_segment_dot_rejects_bad_arguments(monkeypatch):
         segment_dot.segment_block_dot_triton(qs, kb, 16, 32, base, precision="tf32")
     assert segment_dot.kernel_supports(64) and segment_dot.kernel_supports(128) and not segment_dot.kernel_supports(80)
     assert not segment_dot.kernel_supports(256) and not segment_dot.kernel_supports(512)  # 256: the kernel takes it, "auto" does not
+    assert segment_dot.default_tiles(128) == (segment_dot.PACK_ROWS, segment_dot.BLOCK_N) and segment_dot.default_tiles(256) == (64, 64)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="need CUDA tensors"):
         segment_dot.segment_block_dot_triton(qs.cpu(), kb.cpu(), 16, 32, base)

@@ -21,6 +21,7 @@ CASES = [  # (B, Hq, Hkv, Lq, Lkv, D, segment, block_k)
     pytest.param(1, 2, 2, 257, 257, 128, 64, 32, id="L257-G1-D128-bk32"),
     pytest.param(1, 3, 3, 70, 400, 16, 32, 16, id="Lq70-Lkv400-decode-like"),
     pytest.param(1, 2, 1, 150, 150, 256, 32, 16, id="L150-D256"),
+    pytest.param(1, 8, 2, 300, 300, 256, 64, 32, id="L300-G4-D256"),
     pytest.param(1, 6, 2, 180, 180, 32, 32, 16, id="L180-G3"),
 ]
 
@@ -110,4 +111,5 @@ def test_kernel_supports_powers_of_two_and_kernel_dtypes():
     assert segment_lse.kernel_supports(k, 64) and segment_lse.kernel_supports(k.bfloat16(), 16)
     assert not segment_lse.kernel_supports(k, 24) and not segment_lse.kernel_supports(k, 8)  # S2O's "auto" then runs PyTorch
     assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 80), 64) and not segment_lse.kernel_supports(k.double(), 64)
-    assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 256), 64)  # tiles not run on a GPU at 256: "auto" runs PyTorch
+    assert segment_lse.kernel_supports(torch.zeros(1, 1, 8, 256), 64)  # Gemma-3's head dim: timed on a GPU
+    assert not segment_lse.kernel_supports(torch.zeros(1, 1, 8, 512), 64)  # never run on a GPU: "auto" runs PyTorch
