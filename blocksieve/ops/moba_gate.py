@@ -47,7 +47,10 @@ __all__ = ["moba_layout"]
 ROWS = 32
 """Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
 BN = 128
-"""Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers)."""
+"""Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers).
+128 rather than 64 since session 16: half the chunks, so half the merges that open a row (H100, CUDA
+graph, same run, ``moba_launch_sweep_h100_s16_run2.json``: 512/top-3 0.186 → 0.196 ms at 32K and
+0.95-1.06 → 0.78 ms at 128K; 128/top-8 0.284-0.286 → 0.263 and 2.08-2.13 → 1.55 ms; 256 is slower)."""
 GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 """Launch options of the gate kernel. One pipeline stage: 48 KB of shared memory instead of 80 KB at
 three, so more programs fit per SM. Two H100 sweeps (CUDA graphs, ``benchmarks/moba_launch_sweep.py``,
