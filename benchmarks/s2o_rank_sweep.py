@@ -74,10 +74,10 @@ DOT_SHAPES = [
 
 
 WIDE = dict(d=256, hq=16, hkv=8)
-"""The head-dim-256 case (Gemma-3-12B's attention shape): its launch shapes, first the defaults of
-:func:`~blocksieve.ops.segment_lse.default_pack_rows` / :func:`~blocksieve.ops.segment_dot.default_tiles`,
-then the head-dim-128 defaults and neighbours."""
-WIDE_SHAPES = [(64, 64, 32, 2, 8), (64, 128, 32, 2, 8), (64, 64, 32, 2, 4), (32, 64, 32, 2, 4), (64, 64, 64, 2, 8), (64, 128, 32, 1, 8)]
+"""The head-dim-256 case (Gemma-3-12B's attention shape). Its launch shapes: first the defaults (the
+``lse`` kernel's are those of head dim 128; the dot kernel's :func:`~blocksieve.ops.segment_dot.default_tiles`),
+then neighbours (the dot kernel's head-dim-128 tiles need 256 KiB of shared memory and fail)."""
+WIDE_SHAPES = [(64, 128, 32, 2, 8), (64, 64, 32, 2, 8), (64, 64, 32, 2, 4), (32, 64, 32, 2, 4), (64, 64, 64, 2, 8), (64, 128, 32, 1, 8)]
 WIDE_DOT_SHAPES = [
     (32, 64, 64, 8, "tf32x3"),
     (32, 128, 128, 8, "tf32x3"),
