@@ -22,7 +22,8 @@ Ranking statistic (``rank``): ``"mean"`` (default) scores a block by ``mean(q_se
 gives the block (:func:`blocksieve.select.score.block_logsumexp`, O(segments · L · D) instead of
 O(segments · blocks · D)), which does not average one strong key away (on CUDA a fused kernel,
 :mod:`blocksieve.ops.segment_lse`, computes it without storing the scores; elsewhere, or for head
-dims and block sizes that are not powers of two >= 16, or head dims above 128, a chunked PyTorch rule); ``"sample"`` by the summed softmax mass that
+dims and block sizes that are not powers of two >= 16, or head dims above 256, a chunked PyTorch
+rule); ``"sample"`` by the summed softmax mass that
 ``rank_rows`` strided query rows of the segment give the block (an estimate of the segment's
 true block mass; ``rank_rows / segment`` of the dense score cost, 1/32 by default).
 
