@@ -68,7 +68,7 @@ def _merge_top(b_v, b_id, b_s, o_key, o_c, n_in, K1: tl.constexpr):
     strictly higher: an equal score loses, its id being higher. The list is kept unordered;
     ``-inf`` entries never enter (id -1 stays).
     """
-    for t in range(n_in):
+    for _ in range(n_in):
         mx = tl.max(b_s, 1)  # [M] best remaining chunk score
         pick = tl.min(tl.where(b_s == mx[:, None], o_key[None, :], 2147483647), 1)  # [M] its id
         b_w = tl.where(o_c[None, :] < K1, b_v, float("inf"))  # [M, CC] list scores
