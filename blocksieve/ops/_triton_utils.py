@@ -96,6 +96,27 @@ def segment_grid(ns: int, group: int, block_s: int, pack_rows: int) -> tuple:
     return hp, triton.cdiv(ns, block_s), triton.cdiv(group, hp)
 
 
+@triton.jit
+def segment_rows(
+    pid_heads, i_tile, num_kv_heads, n_packs, group, ns, nk, base,
+    SEGMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S_: tl.constexpr, HP: tl.constexpr,
+):
+    """The rows of one program of S2O's score kernels, whose grid axis 1 is ``batch · KV head · head
+    pack`` (:func:`segment_grid`) and whose segment tile is ``i_tile``: ``(i_b, i_kvh, o_s, o_h, m_r,
+    n_past)`` with, for the ``R = HP · BLOCK_S_`` rows (``HP`` heads' ``BLOCK_S_`` segment means each),
+    ``o_s [R]`` segment ids, ``o_h [R]`` int64 query heads, ``m_r [R]`` valid rows and ``n_past [R]``
+    the key blocks wholly before each segment (0 on invalid rows)."""
+    i_b = pid_heads // (num_kv_heads * n_packs)
+    i_kvh = pid_heads // n_packs % num_kv_heads
+    o_r = tl.arange(0, HP * BLOCK_S_)
+    o_s = i_tile * BLOCK_S_ + o_r % BLOCK_S_
+    o_g = pid_heads % n_packs * HP + o_r // BLOCK_S_  # head within the KV group
+    m_r = (o_s < ns) & (o_g < group)
+    n_past = tl.where(m_r, tl.minimum((base + o_s * SEGMENT) // BLOCK_K, nk), 0)
+    o_h = (i_kvh * group + o_g).to(tl.int64)
+    return i_b, i_kvh, o_s, o_h, m_r, n_past
+
+
 def upcast_dots(dtype: torch.dtype) -> bool:
     """Whether kernels should feed ``tl.dot`` fp32 operands: the CPU interpreter multiplies bf16 wrongly.
 

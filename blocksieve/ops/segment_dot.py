@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid, segment_rows
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -64,14 +64,9 @@ def _segment_dot_kernel(
     # fmt: on
     i_tile = tl.program_id(0) % n_tiles  # segment tiles of one key tile are neighbours: they read the same block means
     o_j = tl.program_id(0) // n_tiles * BLOCK_N_ + tl.arange(0, BLOCK_N_)  # [BN] key blocks
-    i_b = tl.program_id(1) // (num_kv_heads * n_packs)
-    i_kvh = tl.program_id(1) // n_packs % num_kv_heads
-    o_r = tl.arange(0, HP * BLOCK_S_)  # [R] rows: HP heads' BLOCK_S_ segment means each
-    o_s = i_tile * BLOCK_S_ + o_r % BLOCK_S_  # [R] segment ids
-    o_g = tl.program_id(1) % n_packs * HP + o_r // BLOCK_S_  # [R] head within the KV group
-    m_r = (o_s < ns) & (o_g < group)
-    n_past = tl.where(m_r, tl.minimum((base + o_s * SEGMENT) // BLOCK_K, nk), 0)  # [R] blocks wholly before each segment
-    o_h = (i_kvh * group + o_g).to(tl.int64)
+    i_b, i_kvh, o_s, o_h, m_r, n_past = segment_rows(
+        tl.program_id(1), i_tile, num_kv_heads, n_packs, group, ns, nk, base, SEGMENT, BLOCK_K, BLOCK_S_, HP
+    )  # [R] rows: segment ids, query heads, valid rows, blocks wholly before each segment
     o_d = tl.arange(0, D)
     p_o = OUT + i_b.to(tl.int64) * stride_ob + o_h[:, None] * stride_oh + o_s[:, None].to(tl.int64) * stride_os + o_j[None, :]
     m_o = m_r[:, None] & (o_j < nk)[None, :]

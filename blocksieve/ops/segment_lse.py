@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid, segment_rows
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -71,17 +71,11 @@ def _segment_lse_kernel(
     i_tile = tl.program_id(0) % n_tiles  # tiles of one chunk are neighbours: they read the same keys
     c0 = tl.program_id(0) // n_tiles * chunk  # this program's key blocks: [c0, c1)
     c1 = tl.minimum(c0 + chunk, nk)
-    i_b = tl.program_id(1) // (num_kv_heads * n_packs)
-    i_kvh = tl.program_id(1) // n_packs % num_kv_heads
-    o_r = tl.arange(0, HP * BLOCK_S_)  # [R] rows: HP heads' BLOCK_S_ segment means each
-    o_s = i_tile * BLOCK_S_ + o_r % BLOCK_S_  # [R] segment ids
-    o_g = tl.program_id(1) % n_packs * HP + o_r // BLOCK_S_  # [R] head within the KV group
-    m_r = (o_s < ns) & (o_g < group)
-    n_past = tl.minimum((base + o_s * SEGMENT) // BLOCK_K, nk)  # [R] blocks wholly before each segment
-    n_past = tl.where(m_r, n_past, 0)
+    i_b, i_kvh, o_s, o_h, m_r, n_past = segment_rows(
+        tl.program_id(1), i_tile, num_kv_heads, n_packs, group, ns, nk, base, SEGMENT, BLOCK_K, BLOCK_S_, HP
+    )  # [R] rows: segment ids, query heads, valid rows, blocks wholly before each segment
     n_hi = tl.minimum(tl.max(n_past, 0), c1)  # blocks this program computes: [c0, n_hi)
     o_d = tl.arange(0, D)
-    o_h = (i_kvh * group + o_g).to(tl.int64)
     p_q = QS + i_b.to(tl.int64) * stride_qb + o_h[:, None] * stride_qh + o_s[:, None].to(tl.int64) * stride_qs + o_d[None, :]
     b_q = tl.load(p_q, mask=(m_r & (n_past > c0))[:, None], other=0.0)  # [R, D] fp32, rows with blocks in the chunk
     if not IEEE:
