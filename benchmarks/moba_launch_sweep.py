@@ -28,7 +28,7 @@ from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, random_l
 from benchmarks.common import device_tag, environment, write_result
 from blocksieve.ops import moba_gate
 
-VARIANTS = [(4, 1, 32, 128), (4, 1, 32, 64), (4, 1, 16, 128), (4, 1, 32, 256), (8, 1, 32, 256)]
+VARIANTS = [(4, 1, 64, 128), (4, 1, 64, 64), (8, 1, 64, 128), (4, 1, 32, 128), (8, 1, 64, 64)]
 """``(num_warps, num_stages, ROWS, BN)``, the default first; each layout is compared with the first variant's."""
 
 

@@ -26,8 +26,8 @@ recall at 10 % density, ``sink_blocks=1`` 0.94-0.99 (docs/dev/blocks_notes.md). 
 ``sink_blocks=1`` on models trained with dense attention.
 
 ``backend``: ``"auto"`` (default) runs the fused Triton selector
-(:func:`blocksieve.ops.moba_gate.moba_layout`, same layout up to ties in the gate) on CUDA and the
-PyTorch path below on the CPU; ``"triton"`` / ``"torch"`` force one (``"triton"`` on the CPU needs
+(:func:`blocksieve.ops.moba_gate.moba_layout`, same layout up to near-ties in the gate) on CUDA for head
+dims up to 512 (``moba_gate.MAX_HEAD_DIM``) and the PyTorch path below elsewhere; ``"triton"`` / ``"torch"`` force one (``"triton"`` on the CPU needs
 ``TRITON_INTERPRET=1``).
 """
 
@@ -89,11 +89,12 @@ class MoBA(SparseMethod):
         lkv = k.shape[2]
         kg = k if c.key_conv is None else causal_key_conv(k, torch.as_tensor(c.key_conv))
         if c.backend == "triton" or (c.backend == "auto" and q.is_cuda):
-            from blocksieve.ops.moba_gate import moba_layout
+            from blocksieve.ops.moba_gate import MAX_HEAD_DIM, moba_layout
 
-            return moba_layout(
-                q, kg, moba_block=c.moba_block, top_k=c.top_k, block_q=c.block_q, block_k=c.block_k, sink_blocks=c.sink_blocks
-            )
+            if c.backend == "triton" or q.shape[-1] <= MAX_HEAD_DIM:
+                return moba_layout(
+                    q, kg, moba_block=c.moba_block, top_k=c.top_k, block_q=c.block_q, block_k=c.block_k, sink_blocks=c.sink_blocks
+                )
         gate = grouped_dot(mean_pool(q, c.block_q), mean_pool(kg, c.moba_block))  # [B, Hq, NQ, NKm]
         first, last = query_block_span(c.block_q, lq, lkv, q.device)
         ends = (torch.arange(gate.shape[-1], device=q.device) + 1) * c.moba_block - 1

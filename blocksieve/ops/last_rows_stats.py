@@ -43,11 +43,25 @@ from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64
+WIDE_BLOCK_N = 32
+"""Keys per tile when more than 64 rows take the diagonal sums too (FlexPrefill's 128): the diagonals'
+skew costs more per gathered entry the wider the tile. H100, session 17, whole call of this function
+(``selection_profile_h100_s17.json``, ``sums`` rows, default ``pack_rows``): 128 rows with diagonals
+1.00 ms at 32K and 3.14 ms at 128K with 32-key tiles against 1.23-1.29 / 4.33-4.35 ms with 64, and
+FlexPrefill's selection 1.69 / 6.29-6.35 ms against 2.01 / 7.49-7.54 (``last_rows_ab_h100_s17.json``,
+CUDA graphs, same run, same layouts). PBS's 128 rows without diagonals stay at 64 keys (32: 0.6-1 %
+slower there); 64 rows with diagonals (vertical_slash) were slower with 32-key tiles (0.59 / 1.95
+against 0.47-0.54 / 1.60 ms), 16 slower still."""
 MAX_ROWS = 256
 MAX_HEAD_DIM = 256
 PACK_ROWS = 128
 """Most query rows (of the heads of one KV group) stacked in one score tile: two 64-row heads, one
 128-row head (the fastest of 1-512 on an H100, docs/dev/blocks_notes.md, session 14)."""
+DIAGONAL_PACK_ROWS = 256
+"""Most stacked rows when at most 64 rows take the diagonal sums too (vertical_slash's 64: four heads
+per tile). H100, session 17, whole call (``selection_profile_h100_s17.json``, ``sums`` rows, 64-key
+tiles): 0.42-0.43 / 1.42-1.43 ms at 32K / 128K against 0.47-0.54 / 1.60 ms with 128; without the
+diagonals, and for 128 rows, 256 was slower or no faster, so they keep :data:`PACK_ROWS`."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -198,8 +212,8 @@ def last_rows_sums_triton(
     rows: int,
     scale: float,
     diagonals: bool = True,
-    block_n: int = BLOCK_N,
-    pack_rows: int = PACK_ROWS,
+    block_n: int | None = None,
+    pack_rows: int | None = None,
 ) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
@@ -207,9 +221,11 @@ def last_rows_sums_triton(
         q: ``[B, Hq, Lq, D]`` fp16/bf16/fp32; k: ``[B, Hkv, Lkv, D]`` of the same dtype, ``Lq <= Lkv``.
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
-        block_n: keys per tile (a launch knob: 16 to 256, a power of two).
+        block_n: keys per tile (a launch knob: 16 to 256, a power of two); default :data:`WIDE_BLOCK_N`
+            for the diagonals of more than 64 rows, else :data:`BLOCK_N`.
         pack_rows: most query rows per tile (a launch knob): the rows of :func:`~blocksieve.ops._triton_utils.heads_per_pass`
-            heads of a KV group are stacked so that each key tile is loaded once for them all.
+            heads of a KV group are stacked so that each key tile is loaded once for them all; default
+            :data:`DIAGONAL_PACK_ROWS` for the diagonals of at most 64 rows, else :data:`PACK_ROWS`.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
@@ -220,6 +236,10 @@ def last_rows_sums_triton(
     r = min(rows, lq)
     q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
     block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
+    if block_n is None:
+        block_n = WIDE_BLOCK_N if diagonals and r > 64 else BLOCK_N
+    if pack_rows is None:
+        pack_rows = DIAGONAL_PACK_ROWS if diagonals and r <= 64 else PACK_ROWS
     if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
     n_tiles = math.ceil(lkv / block_n)

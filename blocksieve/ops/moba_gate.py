@@ -14,8 +14,9 @@ reads bf16 q at 2.7-3.2 TB/s, faster than each Triton pooling kernel we timed, s
 
 * ``_moba_gate_kernel`` — one program per (tile of query blocks, batch·KV head). Its ``M`` rows are
   the ``G`` query heads of the KV group times ``QT`` query blocks, so each chunk of ``BN`` pooled
-  keys is loaded once for all of them. Per chunk: ``[M, BN]`` scores by one fp32 ``tl.dot``
-  (``input_precision="ieee"``: no TF32 rounding, as ``grouped_dot``), own/future blocks set to
+  keys is loaded once for all of them. Per chunk: ``[M, BN]`` scores by one ``tl.dot`` of the fp32
+  means as three TF32 tensor-core products (``input_precision="tf32x3"``, about fp32 accuracy: near-ties
+  may rank otherwise than in ``grouped_dot``'s fp32 product), own/future blocks set to
   ``-inf``, then a running top-``K1`` list per row (unordered) takes the chunk's best scores, one
   per round, each in place of the list's worst entry; a chunk runs as many rounds as the most of
   its scores that beat a row's current ``K1``-th (at most ``K1``; none: the chunk is skipped), so
@@ -44,13 +45,27 @@ from blocksieve.select.pool import block_mean
 
 __all__ = ["moba_layout"]
 
-ROWS = 32
-"""Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them."""
+ROWS = 64
+"""Target gate rows per program (query heads of a KV group × query blocks): key loads are shared by them.
+64 since session 17, with the tensor-core product (32 before, when the fp32 FMA product grew with the
+rows; H100, same run, ``moba_tf32x3_ab_h100_s17.json``: 128/top-8 0.218 → 0.192 ms at 32K and
+1.07 → 0.90 ms at 128K, 512/top-3 0.169 → 0.162 and 0.62 → 0.60 ms)."""
 BN = 128
-"""Pooled key blocks per gate chunk (halved for head dims above 128, which would spill registers).
+"""Pooled key blocks per gate chunk (halved for head dims above 128, see :func:`gate_tiles`).
 128 rather than 64 since session 16: half the chunks, so half the merges that open a row (H100, CUDA
 graph, same run, ``moba_launch_sweep_h100_s16_run2.json``: 512/top-3 0.186 → 0.196 ms at 32K and
 0.95-1.06 → 0.78 ms at 128K; 128/top-8 0.284-0.286 → 0.263 and 2.08-2.13 → 1.55 ms; 256 is slower)."""
+SMEM_BYTES = 196608
+"""Shared memory the gate's product may take: ``tf32x3`` keeps a high and a low TF32 part of both
+operands, ``(M + BN) · DP · 8`` bytes, under the 227 KB an H100 or H200 program may use (the head dim
+256 tile of 64 rows and 64 keys asked for 256 KB and did not launch)."""
+MAX_HEAD_DIM = 512
+"""Widest head dim whose gate tile fits :data:`SMEM_BYTES` (32 rows, 16 pooled keys per chunk)."""
+PRECISION = tl.constexpr("tf32x3")
+"""``tl.dot`` precision of the gate: three TF32 tensor-core products (about fp32 accuracy). Session 16's
+fp32 FMA product (``"ieee"``) was most of the kernel's time: on an H100, same run
+(``moba_tf32x3_ab_h100_s17.json``, 32 rows per program), MoBA's selection took 0.198-0.215 → 0.169 ms
+(512/top-3) and 0.265-0.269 → 0.218 ms (128/top-8) at 32K, 0.78-0.89 → 0.62 and 1.52-1.55 → 1.07 ms at 128K."""
 GATE_LAUNCH = dict(num_warps=4, num_stages=1)
 """Launch options of the gate kernel. One pipeline stage: 48 KB of shared memory instead of 80 KB at
 three, so more programs fit per SM. Two H100 sweeps (CUDA graphs, ``benchmarks/moba_launch_sweep.py``,
@@ -116,7 +131,7 @@ def _moba_gate_kernel(
             b_k = tl.load(
                 p_kr + o_key[:, None] * D + o_d[None, :], mask=(o_key[:, None] < n_hi) & m_d[None, :], other=0.0
             )  # [BN, DP]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BN]
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [M, BN]
             b_s = tl.where(o_key[None, :] < n_past[:, None], b_s, float("-inf"))
             thr = tl.min(tl.where(o_c[None, :] < K1, b_v, float("inf")), 1)  # [M] current K1-th score
             n_in = tl.minimum(tl.max(tl.sum((b_s > thr[:, None]).to(tl.int32), 1), 0), K1)  # most entries a row takes
@@ -140,6 +155,17 @@ def _moba_gate_kernel(
     p_o = p_idx + o_row[:, None, None] * W + o_pos
     tl.store(p_o, tl.where(m_ok, b_fine, -1), mask=m_f & (o_pos < W) & m_row[:, None, None])
     tl.store(p_cnt + o_row, tl.sum(tl.sum(m_ok.to(tl.int32), 2), 1), mask=m_row)
+
+
+def gate_tiles(dp: int) -> tuple:
+    """``(rows, BN)`` per program for padded head dim ``dp``: :data:`ROWS` and :data:`BN` up to 128
+    channels, both halved above (registers), then ``BN`` halved until the product fits :data:`SMEM_BYTES`."""
+    if dp > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {dp} is too wide for the Triton MoBA gate (at most {MAX_HEAD_DIM}): use backend='torch'")
+    rows, bn = (ROWS, BN) if dp <= 128 else (ROWS // 2, BN // 2)
+    while (rows + bn) * dp * 8 > SMEM_BYTES and bn > 16:
+        bn //= 2
+    return rows, bn
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
@@ -225,14 +251,15 @@ def moba_layout(
             )
     qp = block_mean(q, block_q) if k1 > 0 else cnt  # the kernel reads no query without a top-k
     kp = block_mean(k, moba_block) if k1 > 0 else cnt
-    qt = max(1, ROWS // g)
     dp = max(16, next_pow2(d))
+    rows, bn = gate_tiles(dp)
+    qt = max(1, rows // g)
     # fmt: off
     _moba_gate_kernel[(math.ceil(nq / qt), b * hkv)](
         qp, kp, idx, cnt, hq, hkv, nq, nkm, nk, lq, lkv,
         G=g, QT=qt, M=max(16, next_pow2(g * qt)), D=d, DP=dp,
         BLOCK_Q=block_q, BLOCK_K=block_k, MOBA=moba_block, F=f, FP=next_pow2(f),
-        K1=k1, SPAN=span, SINK=sink_blocks, CC=max(2, next_pow2(k1 + span + sink_blocks)), W=width, BN=BN if dp <= 128 else BN // 2,
+        K1=k1, SPAN=span, SINK=sink_blocks, CC=max(2, next_pow2(k1 + span + sink_blocks)), W=width, BN=bn,
         **GATE_LAUNCH,
     )
     # fmt: on

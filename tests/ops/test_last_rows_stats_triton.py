@@ -9,7 +9,7 @@ import pytest
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
 from blocksieve.ops._triton_utils import heads_per_pass
-from blocksieve.ops.last_rows_stats import PACK_ROWS, kernel_supports, last_rows_sums_triton
+from blocksieve.ops.last_rows_stats import BLOCK_N, PACK_ROWS, WIDE_BLOCK_N, kernel_supports, last_rows_sums_triton
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -58,11 +58,12 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
         assert (got.double().cpu() - gold).abs().max().item() <= 2 * ref_err + 1e-6 * r
     assert torch.allclose(cols.sum(-1).cpu(), torch.full((1, 4), float(r)), rtol=1e-5)
     with poisoned_outputs():
-        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False)
+        width = WIDE_BLOCK_N if r > 64 else BLOCK_N  # the default tile width of the call with diagonals
+        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False, block_n=width)
     assert none is None and torch.equal(only_cols, cols)
 
 
-@pytest.mark.parametrize("block_n", [16, 128])
+@pytest.mark.parametrize("block_n", [16, 64, 128])
 def test_key_tile_width_does_not_change_the_sums(block_n):
     q, k, _ = qkv(1, 4, 2, 150, 333, 32, dtype=torch.float16, device=DEVICE)
     with poisoned_outputs():

@@ -14,7 +14,7 @@ ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TR
 import pytest
 
 import blocksieve
-from blocksieve.ops.moba_gate import moba_layout
+from blocksieve.ops.moba_gate import BN, ROWS, SMEM_BYTES, gate_tiles, moba_layout
 from blocksieve.select.force import query_block_span
 from blocksieve.select.pool import mean_pool
 
@@ -72,6 +72,7 @@ CASES = [
     pytest.param(1, 4, 2, 300, 300, 16, 128, 64, 64, 1, 1, torch.bfloat16, id="L300-k1-sink-no-gate"),
     pytest.param(1, 4, 1, 517, 517, 24, 256, 64, 128, 3, 0, torch.float16, id="L517-g4-D24-mb256-k3"),
     pytest.param(1, 2, 1, 130, 300, 256, 64, 64, 64, 3, 0, torch.bfloat16, id="Lq130-Lkv300-D256-mb64-k3"),
+    pytest.param(1, 2, 1, 64, 200, 512, 32, 64, 32, 3, 0, torch.float32, id="Lq64-Lkv200-D512-mb32-k3"),
     pytest.param(1, 8, 2, 200, 640, 32, 128, 100, 64, 3, 1, torch.float32, id="Lq200-Lkv640-g4-bq100-span3"),
     pytest.param(1, 4, 2, 100, 2000, 16, 16, 32, 16, 8, 1, torch.float32, id="Lq100-Lkv2000-mb16-k8-two-key-chunks"),
     pytest.param(1, 2, 1, 16, 1100, 16, 8, 8, 8, 70, 2, torch.bfloat16, id="Lq16-Lkv1100-mb8-k70-list-over-chunk"),
@@ -106,6 +107,15 @@ def test_ties_go_to_the_lowest_block(mb, length):
     want = blocksieve.method("moba", backend="torch", **c).select(q, ramp[None, None, :, None].expand(1, 1, length, 16))
     got = kernel_layout(q, torch.zeros(1, 1, length, 16, device=DEVICE), c)
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
+
+
+def test_gate_tiles_fit_shared_memory():
+    for dp in (16, 64, 128, 256, 512):
+        rows, bn = gate_tiles(dp)
+        assert (rows + bn) * dp * 8 <= SMEM_BYTES and rows >= 16 and bn >= 16
+    assert gate_tiles(128) == (ROWS, BN) and gate_tiles(256) == (ROWS // 2, BN // 2)
+    with pytest.raises(ValueError, match="too wide for the Triton MoBA gate"):
+        gate_tiles(1024)
 
 
 def test_errors_name_the_problem():
