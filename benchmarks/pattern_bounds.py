@@ -7,6 +7,7 @@ rows of the dense softmax mass kept, interpolated along each sweep, as in
 * ``oracle`` — the true top blocks by mass (:func:`~blocksieve.methods.oracle.select_from_mass`, per head);
 * ``vs_last64`` — vertical_slash's rule on the last 64 rows' column and diagonal sums (the method:
   30 sink columns, 64 local diagonals, ``slash_size = 6 · vertical_size``, the fidelity sweep's settings);
+  ``vs_last256``: the same from the last 256 rows (``last_q=256``, a config option);
 * ``vs_all_rows`` — the same rule on the column and diagonal sums of **all** rows (perfect scores);
 * ``vs_all_rows_best_ratio`` — that, with the best of seven vertical:slash ratios for each head
   (1:0.25 to 1:48, and slashes only): the most any vertical-slash selection of this kind keeps;
@@ -49,6 +50,7 @@ VERTICAL_SIZES = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 RATIOS = (0.25, 1, 3, 6, 12, 48, None)
 """Slashes per vertical line; ``None``: the sink columns only, slashes swept."""
 TAUS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+LAST_ROWS = (64, 256)
 
 
 def dense_sums(q: torch.Tensor, k: torch.Tensor, h: int, chunk: int = 1024) -> tuple:
@@ -101,7 +103,8 @@ def at_density(pts: list) -> float | None:
     return float(np.interp(DENSITY, xs, ys)) if xs[0] <= DENSITY <= xs[-1] else None
 
 
-def head_row(q, k, h, c64, d64, pairs) -> dict:
+def head_row(q, k, h, last, pairs) -> dict:
+    """One head's figures; ``last`` maps a row count to its ``(cols, diags)`` ``[1, Hq, Lkv]``."""
     lq, lkv = q.shape[2], k.shape[2]
     cols, diags, mass = dense_sums(q, k, h)
     orc = select_from_mass(mass[None, None], DENSITY, BLOCK, BLOCK, lq, lkv, "head").to_block_mask()[0, 0]
@@ -109,7 +112,7 @@ def head_row(q, k, h, c64, d64, pairs) -> dict:
     return dict(
         head=h,
         oracle=point(orc, mass, pairs, lq)[1],
-        vs_last64=at_density(vertical_slash_points(c64[0, h], d64[0, h], mass, pairs, lq, lkv, 6)),
+        **{f"vs_last{r}": at_density(vertical_slash_points(c[0, h], d[0, h], mass, pairs, lq, lkv, 6)) for r, (c, d) in last.items()},
         vs_all_rows=ratios[RATIOS.index(6)],
         vs_all_rows_best_ratio=max(x for x in ratios if x is not None),
         row_cumulative_true=at_density(row_cumulative_points(mass, pairs, lq, lkv)),
@@ -129,12 +132,12 @@ def main():
     layers = [int(x) for x in args.layers.split(",")]
     rows = []
     for li, (q, k, _) in load_capture(model=args.model, text=args.text, length=args.length, layers=layers).items():
-        c64, d64 = last_rows_sums(q, k, 64, q.shape[3] ** -0.5, "torch")
+        last = {r: last_rows_sums(q, k, r, q.shape[3] ** -0.5, "torch") for r in LAST_ROWS}
         pairs = cell_pairs(BLOCK, BLOCK, q.shape[2], k.shape[2]).float()
         for h in range(q.shape[1]):
-            rows.append(dict(layer=li, **head_row(q, k, h, c64, d64, pairs)))
+            rows.append(dict(layer=li, **head_row(q, k, h, last, pairs)))
             print(rows[-1], flush=True)
-    keys = ("oracle", "vs_last64", "vs_all_rows", "vs_all_rows_best_ratio", "row_cumulative_true")
+    keys = ("oracle", *(f"vs_last{r}" for r in LAST_ROWS), "vs_all_rows", "vs_all_rows_best_ratio", "row_cumulative_true")
     mean = {key: float(np.mean([r[key] for r in rows if r[key] is not None])) for key in keys}
     summary = dict(mean, **{f"{key}_of_oracle": mean[key] / mean["oracle"] for key in keys[1:]})
     print(summary)
