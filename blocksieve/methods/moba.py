@@ -26,9 +26,9 @@ recall at 10 % density, ``sink_blocks=1`` 0.94-0.99 (docs/dev/blocks_notes.md). 
 ``sink_blocks=1`` on models trained with dense attention.
 
 ``backend``: ``"auto"`` (default) runs the fused Triton selector
-(:func:`blocksieve.ops.moba_gate.moba_layout`, same layout up to near-ties in the gate) on CUDA for head
-dims up to 512 (``moba_gate.MAX_HEAD_DIM``) and the PyTorch path below elsewhere; ``"triton"`` / ``"torch"`` force one (``"triton"`` on the CPU needs
-``TRITON_INTERPRET=1``).
+(:func:`blocksieve.ops.moba_gate.moba_layout`, same layout up to near-ties in the gate) on CUDA for
+head dims up to 512 (``moba_gate.MAX_HEAD_DIM``) and the PyTorch path below elsewhere; ``"triton"`` /
+``"torch"`` force one (``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

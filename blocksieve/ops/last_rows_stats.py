@@ -60,8 +60,10 @@ PACK_ROWS = 128
 DIAGONAL_PACK_ROWS = 256
 """Most stacked rows when at most 64 rows take the diagonal sums too (vertical_slash's 64: four heads
 per tile). H100, session 17, whole call (``selection_profile_h100_s17.json``, ``sums`` rows, 64-key
-tiles): 0.42-0.43 / 1.42-1.43 ms at 32K / 128K against 0.47-0.54 / 1.60 ms with 128; without the
-diagonals, and for 128 rows, 256 was slower or no faster, so they keep :data:`PACK_ROWS`."""
+tiles): 0.42-0.43 / 1.42-1.43 ms at 32K / 128K against 0.47-0.54 / 1.60 ms with 128. Without the
+diagonals 256 was slower (64 rows 0.32-0.35 / 0.85-0.89 against 0.24-0.29 / 0.68-0.77 ms; PBS's 128
+rows 0.53-0.54 against 0.40-0.47 ms at 32K); for 128 rows with diagonals (32-key tiles) it was faster
+at 32K and slower at 128K (0.92 / 3.17 against 1.00 / 3.14 ms). Those keep :data:`PACK_ROWS`."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
