@@ -8,14 +8,16 @@ rows of the dense softmax mass kept, interpolated along each sweep, as in
 * ``vs_last64`` — vertical_slash's rule on the last 64 rows' column and diagonal sums (the method:
   30 sink columns, 64 local diagonals, ``slash_size = 6 · vertical_size``, the fidelity sweep's settings);
   ``vs_last256``: the same from the last 256 rows (``last_q=256``, a config option);
-* ``vs_all_rows`` — the same rule on the column and diagonal sums of **all** rows (perfect scores);
+* ``vs_all_rows`` — the same rule on the column and diagonal sums of **all** rows (each line's exact mass);
 * ``vs_all_rows_best_ratio`` — that, with the best of seven vertical:slash ratios for each head
   (1:0.25 to 1:48, and slashes only): the most any vertical-slash selection of this kind keeps;
 * ``row_cumulative_true`` — xattention's rule on the **true** block mass: per query block the fewest
-  blocks reaching ``tau`` of the row's mass, plus the first and diagonal blocks (perfect scores).
+  blocks reaching ``tau`` of the row's mass, plus the first and diagonal blocks.
 
-If the perfect-score figures stay under 0.90 of the oracle, no estimate can bring the method to the
-issue's target on that model and text; if they clear it, the estimate is what loses. Writes
+If the exact-mass figures clear 0.90 of the oracle, the method's estimate is what loses. If they
+stay under it, the rule falls short even with exact mass; that is evidence, not a bound: ranking
+vertical-slash lines by their total mass is not the optimum of the block-level objective, and an
+estimate can select better (the last 64 rows did on Qwen at 16K). Writes
 ``benchmarks/results/pattern_bounds_<model>_<text>_<length>.json``::
 
     python benchmarks/pattern_bounds.py --model smollm2-135m --text austen-sensesensibility --length 8192 --layers 8,20
