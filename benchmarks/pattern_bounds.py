@@ -41,7 +41,8 @@ from benchmarks.common import environment, write_result  # noqa: E402
 from blocksieve.eval.captures import load_capture  # noqa: E402
 from blocksieve.layout import query_positions  # noqa: E402
 from blocksieve.methods.oracle import cell_pairs, select_from_mass  # noqa: E402
-from blocksieve.select.choose import cumulative_mask, topk_mask, vertical_slash_block_mask  # noqa: E402
+from blocksieve.methods.vertical_slash import vertical_slash_sets  # noqa: E402
+from blocksieve.select.choose import cumulative_mask, vertical_slash_block_mask  # noqa: E402
 from blocksieve.select.force import diagonal_blocks  # noqa: E402
 from blocksieve.select.score import last_rows_sums  # noqa: E402
 
@@ -83,10 +84,9 @@ def vertical_slash_points(cols, diags, mass, pairs, lq, lkv, ratio) -> list:
     """vertical_slash's rule over the vertical sizes, ``ratio`` slashes per vertical line."""
     pts = []
     for size in VERTICAL_SIZES:
-        c, s = cols.clone(), diags.clone()
-        c[:SINK_COLUMNS], s[:LOCAL_SLASHES] = float("inf"), float("inf")
         n_v, n_s = (size, int(ratio * size)) if ratio is not None else (SINK_COLUMNS, 6 * size)
-        keep = vertical_slash_block_mask(topk_mask(c[None, None], n_v), topk_mask(s[None, None], n_s), 0, mass.shape[0], BLOCK, BLOCK, lq, lkv)
+        chosen = vertical_slash_sets(cols[None, None], diags[None, None], n_v, n_s, SINK_COLUMNS, LOCAL_SLASHES)
+        keep = vertical_slash_block_mask(*chosen, 0, mass.shape[0], BLOCK, BLOCK, lq, lkv)
         pts.append(point(keep[0, 0], mass, pairs, lq))
     return pts
 

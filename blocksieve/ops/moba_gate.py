@@ -161,7 +161,7 @@ def gate_tiles(dp: int) -> tuple:
     """``(rows, BN)`` per program for padded head dim ``dp``: :data:`ROWS` and :data:`BN` up to 128
     channels, both halved above (registers), then ``BN`` halved until the product fits :data:`SMEM_BYTES`."""
     if dp > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {dp} is too wide for the Triton MoBA gate (at most {MAX_HEAD_DIM}): use backend='torch'")
+        raise ValueError(f"padded head dim {dp} is too wide for the Triton MoBA gate (at most {MAX_HEAD_DIM}): use backend='torch'")
     rows, bn = (ROWS, BN) if dp <= 128 else (ROWS // 2, BN // 2)
     while (rows + bn) * dp * 8 > SMEM_BYTES and bn > 16:
         bn //= 2
