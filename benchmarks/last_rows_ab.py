@@ -1,25 +1,27 @@
-"""A/B, in one run, of two choices in the last-row selectors (GPU, CUDA graphs, bench_selection's inputs).
+"""A/B, in one run, of launch and glue choices in the last-row selectors (GPU, CUDA graphs, bench_selection's inputs).
 
-* ``wide_block_n`` — the key tile width of the last-row sums when more than 64 rows take the
-  diagonals (:data:`blocksieve.ops.last_rows_stats.WIDE_BLOCK_N`, 32 by default) against 64, the
-  width of every call before session 17: ``flexprefill`` (128 rows).
-* ``pack`` — the most query rows stacked per tile when at most 64 rows take the diagonals
-  (:data:`blocksieve.ops.last_rows_stats.DIAGONAL_PACK_ROWS`, 256 by default) against 128, as before
-  session 17: ``vertical_slash`` (64 rows).
-* ``topk`` — :func:`blocksieve.select.choose.topk_mask` (unsorted top-k) against the same mask from a
-  sorted top-k, as before session 17: ``vertical_slash`` (two top-ks of 1,000 and 6,096 per head).
+The cases (each the default against the alternatives named):
 
-Each variant's selection is timed from a CUDA graph, the default and the old choice alternating
-twice; ``same_layout`` compares each variant's block ids with the default's (the tile width changes
-the order of the fp32 sums, so near-ties may flip). ``share_of_sparse10`` is the selection time over
-the random 10 %-density layout's attention time (the block-methods issue asks for at most 0.10),
-measured here too. Writes ``$OUT/last_rows_ab_<gpu>.json``::
+* ``permute`` — :func:`blocksieve.select.reorder.apply_permutation` (whole rows by ``index_select``)
+  against ``torch.gather`` with the index expanded over the head dim, as before session 18: ``pbs``
+  (its plan permutes K).
+* ``tile`` — PBS's last-row sums (128 rows, columns only) with 32-key tiles and 256 rows per tile
+  against the defaults (:data:`blocksieve.ops.last_rows_stats.BLOCK_N`, :data:`~blocksieve.ops.last_rows_stats.PACK_ROWS`).
+* ``shape_cache`` — PBS's shape-only parts (segment starts, own-segment layout) cached per shapes
+  (:func:`blocksieve.methods.pbs.own_segment_parts`) against built on every call.
+
+Each variant's selection is timed from a CUDA graph, the variants alternating twice;
+``same_layout`` compares each variant's selection with the default's (another tile changes the
+order of the fp32 sums, so near-ties may flip).
+``share_of_sparse10`` is the selection time over the random 10 %-density layout's attention time
+(the block-methods issue asks for at most 0.10), measured here too. Writes
+``$OUT/last_rows_ab_<gpu>.json``::
 
     python -u -m benchmarks.last_rows_ab --out $OUT
 
-Session 17's file (``benchmarks/results/last_rows_ab_h100_s17.json``) also has ``pbs`` rows: the
-rule then gave 32-key tiles to every call of more than 64 rows; PBS (columns only) was 0.6-1 % slower
-with them, so it keeps 64 and its case was dropped here.
+Session 17's files (``benchmarks/results/last_rows_ab_h100_s17*.json``) A/B'd the choices made then:
+32-key tiles for FlexPrefill, four heads per tile for vertical_slash, the unsorted top-k. Session 18
+had no GPU time left for these cases (``docs/dev/blocks_notes.md``, session 18).
 """
 
 from __future__ import annotations
@@ -32,23 +34,41 @@ import torch
 import blocksieve
 from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, plan_fn, random_layout, synthetic, timed
 from benchmarks.common import device_tag, environment, sweep_args, write_result
+from blocksieve.layout import BlockLayout
+from blocksieve.methods import pbs
 from blocksieve.ops import last_rows_stats
-from blocksieve.methods import vertical_slash
 
 
-def sorted_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``topk_mask`` as it was before session 17: the top-k sorted."""
-    k = min(int(k), scores.shape[-1])
-    vals, idx = scores.topk(k, -1)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, vals > float("-inf"))
+def gather_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``apply_permutation`` as before session 18: ``torch.gather`` with the index expanded over ``D``."""
+    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
 
 
-OLD = {
-    "wide_block_n": lambda: mock.patch.object(last_rows_stats, "WIDE_BLOCK_N", 64),
-    "pack": lambda: mock.patch.object(last_rows_stats, "DIAGONAL_PACK_ROWS", 128),
-    "topk": lambda: mock.patch.object(vertical_slash, "topk_mask", sorted_topk_mask),
+def fingerprint(result) -> list:
+    """The tensors a selection returned (a layout's ids; each part of a plan's tuple), to compare variants."""
+    parts = (result,) if isinstance(result, BlockLayout) else result
+    return [p if isinstance(p, torch.Tensor) else p.indices for p in parts]
+
+
+def patched(**attrs):
+    """A context factory setting module attributes (``module__name=value``) for one variant."""
+    owners = {"last_rows_stats": last_rows_stats, "pbs": pbs}
+
+    def enter():
+        stack = contextlib.ExitStack()
+        for key, value in attrs.items():
+            owner, name = key.split("__")
+            stack.enter_context(mock.patch.object(owners[owner], name, value))
+        return stack
+
+    return enter
+
+
+CASES = {
+    ("pbs", "permute"): {"gather": patched(pbs__apply_permutation=gather_permutation)},
+    ("pbs", "tile"): {"32_keys_256_rows": patched(last_rows_stats__BLOCK_N=32, last_rows_stats__PACK_ROWS=256)},
+    ("pbs", "shape_cache"): {"uncached": patched(pbs__own_segment_parts=pbs.own_segment_parts.__wrapped__)},
 }
-CASES = [("flexprefill", "wide_block_n"), ("vertical_slash", "pack"), ("vertical_slash", "topk")]
 
 
 def main(argv=None):
@@ -58,22 +78,24 @@ def main(argv=None):
         q, k, v = synthetic(length)
         run, backend = attend_fn(q, k, v, random_layout(q, k, 0.10))
         sparse10 = timed(run)
-        for name, choice in CASES:
+        for (name, choice), alternatives in CASES.items():
             meth, cfg = METHODS[name]
             m = blocksieve.method(meth, **cfg)
             fn = plan_fn(m, q, k)
-            ref = fn().indices.clone()
+            ref = [t.clone() for t in fingerprint(fn())]
+            variants = {"default": contextlib.nullcontext, **alternatives}
             for rep in range(2):
-                for variant in ("default", "old"):
-                    with OLD[choice]() if variant == "old" else contextlib.nullcontext():
-                        same = bool(torch.equal(fn().indices, ref))
+                for variant, context in variants.items():
+                    with context():
+                        same = all(torch.equal(a, b) for a, b in zip(fingerprint(fn()), ref))
                         ms = graph_timed(fn)
                     rows.append(dict(L=length, method=name, choice=choice, variant=variant, rep=rep, select_graph_ms=ms,
                                      share_of_sparse10=ms / sparse10, sparse10_ms=sparse10, attend_backend=backend, same_layout=same))
                     print(rows[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    print("wrote", write_result(f"last_rows_ab_{device_tag()}.json", {"environment": environment(), "rows": rows}, out))
+        path = write_result(f"last_rows_ab_{device_tag()}.json", {"environment": environment(), "rows": rows}, out)  # after each length
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@
   against a stable descending ``torch.sort`` of the same ``[B, Hq, NS, NK]`` scores (the sort only);
 * ``sums`` rows — the last-row sums kernel (:func:`blocksieve.ops.last_rows_stats.last_rows_sums_triton`)
   as pbs (128 rows, columns only), vertical_slash (64 rows, diagonals too) and flexprefill (128
-  rows) call it, and for 64 rows, columns only; with 64-, 32- and 16-key tiles (128 lost to 64 for
-  every caller in session 14) and 128 or 256 query rows per tile (``pack_rows``: a KV group's heads
-  stacked; the 64-key variants run twice, to show the run-to-run spread); ``max_abs_diff`` against
-  64 keys, one head per pass;
+  rows) call it, and for 64 rows, columns only; with 64- and 32-key tiles (128 lost to 64 for
+  every caller in session 14, 16 to both in session 17) and 128 or 256 query rows per tile
+  (``pack_rows``: a KV group's heads stacked; the 64-key variants run twice, to show the run-to-run
+  spread); ``max_abs_diff`` against 64 keys, one head per pass (session 18's file also has a
+  keys-major tile, ``K · Qᵀ``, for the diagonal callers: slower for every tile, removed);
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
@@ -63,6 +64,10 @@ def s2o_sort_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+TILES = ((64, 128), (64, 256), (64, 128), (64, 256), (32, 128), (32, 256))
+"""(key tile width, rows per tile) of the sums; the 64-key ones twice, for the run-to-run spread."""
+
+
 def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     """Time of the last-row sums kernel per caller's shape, key tile width and rows packed per tile."""
     from blocksieve.ops.last_rows_stats import last_rows_sums_triton
@@ -70,7 +75,7 @@ def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     rows = []
     for label, r, diagonals in (("pbs", 128, False), ("columns", 64, False), ("vertical_slash", 64, True), ("flexprefill", 128, True)):
         base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, pack_rows=1)
-        for block_n, pack in ((64, 128), (64, 256), (64, 128), (64, 256), (32, 128), (32, 256), (16, 128), (16, 256)):
+        for block_n, pack in TILES:
             fn = lambda b=block_n, p=pack: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, block_n=b, pack_rows=p)  # noqa: E731
             got = fn()
             diff = max((g - w).abs().max().item() for g, w in zip(got, base) if g is not None)

@@ -32,6 +32,7 @@ of pooled scores, in practice never).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,17 @@ class PBSConfig:
     tau: float = 0.9
     permute: bool = True
     backend: str = "auto"
+
+
+@functools.lru_cache(maxsize=8)
+def own_segment_parts(block: int, segment: int, b: int, hkv: int, q_len: int, kv_len: int, device: torch.device) -> tuple:
+    """``(seg0 [NQ], own-segment layout (causal, H=Hkv))``: where each query block's segment starts and its
+    dense own-segment part. They depend on the shapes only, so calls with the same shapes share them
+    (on CUDA the small kernels building them, two sorts among them, run once per shape); callers must
+    not modify them."""
+    seg0 = segment_start(block, q_len, kv_len, segment, device)  # [NQ]
+    own = own_segment_blocks(block, block, q_len, kv_len, segment, device)
+    return seg0, BlockLayout.from_candidates(own.expand(b, hkv, *own.shape), block, block, q_len, kv_len, True)
 
 
 @register
@@ -92,7 +104,7 @@ class PBS(SparseMethod):
         cols = last_rows_column_sums(q, k, c.last_q, d**-0.5, c.backend)  # [B, Hq, Lkv], Σ over the R = min(last_q, Lq) rows
         importance = (cols / min(c.last_q, lq)).reshape(b, hkv, hq // hkv, lkv).mean(2)
         perm = segment_sort(importance, c.segment if c.permute else lkv + 1)
-        seg0 = segment_start(c.block, lq, lkv, c.segment, q.device)  # [NQ]
+        seg0, diag = own_segment_parts(c.block, c.segment, b, hkv, lq, lkv, q.device)
         sink = (invert_permutation(perm)[..., 0] // c.block).repeat_interleave(hq // hkv, 1)  # [B, Hq] permuted block of token 0
         k_perm = apply_permutation(k, perm)
         if self._kernel(q, -(-lkv // c.block)):
@@ -108,8 +120,6 @@ class PBS(SparseMethod):
                 return (cumulative_mask(masked_softmax(s), c.tau) | sink) & earlier[n0:n1]
 
             permuted = chunked_layout(mask_fn, b, hq, c.block, c.block, lq, lkv, causal=False)
-        own = own_segment_blocks(c.block, c.block, lq, lkv, c.segment, q.device)
-        diag = BlockLayout.from_candidates(own.expand(b, hkv, *own.shape), c.block, c.block, lq, lkv, True)
         return perm, k_perm, permuted, diag
 
     def _kernel(self, q: torch.Tensor, num_k_blocks: int) -> bool:

@@ -28,8 +28,16 @@ def segment_sort(importance: torch.Tensor, segment: int) -> torch.Tensor:
 
 
 def apply_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x [B, H, L, D]`` reordered along L by ``perm [B, H, L]``: ``out[..., i, :] = x[..., perm[i], :]``."""
-    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
+    """``x [B, H, L, D]`` reordered along L by ``perm [B, H, L]``: ``out[..., i, :] = x[..., perm[i], :]``.
+
+    Whole rows are copied (``index_select`` over the flattened ``[B · H · L, D]``), not elements
+    (``torch.gather`` with an index expanded over ``D`` reads one index per element).
+    """
+    b, h, length, d = x.shape
+    if perm.shape != (b, h, length):
+        raise ValueError(f"perm must be [B, H, L] = {(b, h, length)} to reorder x {tuple(x.shape)}, got {tuple(perm.shape)}")
+    rows = (perm + torch.arange(0, b * h * length, length, device=perm.device).view(b, h, 1)).reshape(-1)
+    return x.reshape(b * h * length, d).index_select(0, rows).view(b, h, length, d)
 
 
 def invert_permutation(perm: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,17 @@ def test_pbs_rejects_bad_config():
         blocksieve.method("pbs", segment=100, block=64)
     with pytest.raises(ValueError, match="tau"):
         blocksieve.method("pbs", tau=2.0)
+
+
+def test_own_segment_parts_are_shared_per_shape():
+    """The shape-only parts are built once per shape and equal what a fresh build gives."""
+    from blocksieve.methods.pbs import own_segment_parts
+
+    q, k, _ = qkv(1, 4, 2, 300, 300, 16)
+    m = blocksieve.method("pbs", segment=64, block=32)
+    a, b = m.plan(q, k)[2], m.plan(q, k)[2]
+    assert a is b
+    seg0, fresh = own_segment_parts.__wrapped__(32, 64, 1, 2, 300, 300, q.device)
+    assert torch.equal(a.indices, fresh.indices) and torch.equal(a.counts, fresh.counts)
+    assert torch.equal(seg0, torch.div(torch.arange(0, 300, 32), 64, rounding_mode="floor") * 64)
+    assert m.plan(q[:, :, :200], k[:, :, :250])[2] is not a

@@ -193,3 +193,6 @@ def test_segment_sort_permutes_inside_segments():
             assert perm[b, h, 16:].tolist() == list(range(16, 21))
     x = torch.randn(2, 3, 21, 4)
     assert torch.equal(apply_permutation(apply_permutation(x, perm), invert_permutation(perm)), x)
+    assert torch.equal(apply_permutation(x.transpose(0, 1).contiguous().transpose(0, 1), perm), apply_permutation(x, perm))
+    with pytest.raises(ValueError, match=r"perm must be \[B, H, L\]"):
+        apply_permutation(x, perm[:, :2])

@@ -1,0 +1,28 @@
+"""The last-row A/B's alternatives select what the defaults select (CPU, small shapes), and its helpers."""
+
+import blocksieve
+from benchmarks.bench_selection import METHODS
+from benchmarks.last_rows_ab import CASES, fingerprint, gather_permutation
+from blocksieve.select.reorder import apply_permutation, segment_sort
+from tests.helpers import qkv
+
+import torch
+
+
+def test_alternatives_select_the_same():
+    q, k, _ = qkv(1, 4, 2, 700, 700, 32)
+    for (name, _choice), alternatives in CASES.items():
+        meth, cfg = METHODS[name]
+        m = blocksieve.method(meth, **cfg)
+        ref = fingerprint(m.plan(q, k))
+        assert ref and all(isinstance(t, torch.Tensor) for t in ref)
+        for variant, context in alternatives.items():
+            with context():
+                got = fingerprint(m.plan(q, k))
+            assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref)), variant
+
+
+def test_gather_permutation_is_apply_permutation():
+    x = torch.randn(2, 3, 300, 8)
+    perm = segment_sort(torch.rand(2, 3, 300), 64)
+    assert torch.equal(gather_permutation(x, perm), apply_permutation(x, perm))
