@@ -50,24 +50,22 @@ def fingerprint(result) -> list:
     return [p if isinstance(p, torch.Tensor) else p.indices for p in parts]
 
 
-def patched(**attrs):
-    """A context factory setting module attributes (``module__name=value``) for one variant."""
-    owners = {"last_rows_stats": last_rows_stats, "pbs": pbs}
+def patched(*changes):
+    """A context factory setting ``(module, attribute, value)`` changes for one variant."""
 
     def enter():
         stack = contextlib.ExitStack()
-        for key, value in attrs.items():
-            owner, name = key.split("__")
-            stack.enter_context(mock.patch.object(owners[owner], name, value))
+        for owner, name, value in changes:
+            stack.enter_context(mock.patch.object(owner, name, value))
         return stack
 
     return enter
 
 
 CASES = {
-    ("pbs", "permute"): {"gather": patched(pbs__apply_permutation=gather_permutation)},
-    ("pbs", "tile"): {"32_keys_256_rows": patched(last_rows_stats__BLOCK_N=32, last_rows_stats__PACK_ROWS=256)},
-    ("pbs", "shape_cache"): {"uncached": patched(pbs__own_segment_parts=pbs.own_segment_parts.__wrapped__)},
+    ("pbs", "permute"): {"gather": patched((pbs, "apply_permutation", gather_permutation))},
+    ("pbs", "tile"): {"32_keys_256_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 256))},
+    ("pbs", "shape_cache"): {"uncached": patched((pbs, "own_segment_parts", pbs.own_segment_parts.__wrapped__))},
 }
 
 

@@ -1,12 +1,15 @@
-"""The last-row A/B's alternatives select what the defaults select (CPU, small shapes), and its helpers."""
+"""The last-row A/B's alternatives select what the defaults select (CPU, small shapes), and its helpers.
+
+On the CPU the ``tile`` case's patch (a Triton launch knob) changes nothing; the other cases swap the
+PyTorch code the CPU runs too."""
+
+import torch
 
 import blocksieve
 from benchmarks.bench_selection import METHODS
 from benchmarks.last_rows_ab import CASES, fingerprint, gather_permutation
 from blocksieve.select.reorder import apply_permutation, segment_sort
 from tests.helpers import qkv
-
-import torch
 
 
 def test_alternatives_select_the_same():
