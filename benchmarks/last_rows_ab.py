@@ -2,11 +2,14 @@
 
 The cases (each the default against the alternatives named):
 
-* ``permute`` — :func:`blocksieve.select.reorder.apply_permutation` (whole rows by ``index_select``)
-  against ``torch.gather`` with the index expanded over the head dim, as before session 18: ``pbs``
-  (its plan permutes K).
-* ``tile`` — PBS's last-row sums (128 rows, columns only) with 32-key tiles and 256 rows per tile
-  against the defaults (:data:`blocksieve.ops.last_rows_stats.BLOCK_N`, :data:`~blocksieve.ops.last_rows_stats.PACK_ROWS`).
+* ``tile`` — the last-row sums' default tiles (:data:`blocksieve.ops.last_rows_stats.BLOCK_N` keys
+  with the diagonals, :data:`~blocksieve.ops.last_rows_stats.COLUMN_BLOCK_N` without, and
+  :data:`~blocksieve.ops.last_rows_stats.PACK_ROWS` rows per tile) against those before session 19:
+  32 keys and 128 rows for ``flexprefill`` (128 rows with diagonals), 64 keys and 128 rows for
+  ``pbs`` (128 rows, columns only).
+* ``permute`` — :func:`blocksieve.select.reorder.apply_permutation` (on CUDA ``torch.gather`` with
+  the index expanded over the head dim) against whole rows by ``index_select``, as in session 18:
+  ``pbs`` (its plan permutes K).
 * ``shape_cache`` — PBS's shape-only parts (segment starts, own-segment layout) cached per shapes
   (:func:`blocksieve.methods.pbs.own_segment_parts`) against built on every call.
 
@@ -20,8 +23,9 @@ order of the fp32 sums, so near-ties may flip).
     python -u -m benchmarks.last_rows_ab --out $OUT
 
 Session 17's files (``benchmarks/results/last_rows_ab_h100_s17*.json``) A/B'd the choices made then:
-32-key tiles for FlexPrefill, four heads per tile for vertical_slash, the unsorted top-k. Session 18
-had no GPU time left for these cases (``docs/dev/blocks_notes.md``, session 18).
+32-key tiles for FlexPrefill, four heads per tile for vertical_slash, the unsorted top-k.
+``last_rows_ab_h100_s19_call1.json`` A/B'd session 18's choices and kernels kept off main (the
+radix-select top-k and digit-search cumulative masks, slower: ``docs/dev/blocks_notes.md``, session 19).
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from blocksieve.methods import pbs
 from blocksieve.ops import last_rows_stats
 
 
-def gather_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``apply_permutation`` as before session 18: ``torch.gather`` with the index expanded over ``D``."""
-    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
+def row_copy_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``apply_permutation`` as in session 18: whole rows of the flattened ``[B · H · L, D]`` by ``index_select``."""
+    b, h, length, d = x.shape
+    rows = (perm + torch.arange(0, b * h * length, length, device=perm.device).view(b, h, 1)).reshape(-1)
+    return x.reshape(b * h * length, d).index_select(0, rows).view(b, h, length, d)
 
 
 def fingerprint(result) -> list:
@@ -63,8 +69,9 @@ def patched(*changes):
 
 
 CASES = {
-    ("pbs", "permute"): {"gather": patched((pbs, "apply_permutation", gather_permutation))},
-    ("pbs", "tile"): {"32_keys_256_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 256))},
+    ("flexprefill", "tile"): {"32_keys_128_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 128))},
+    ("pbs", "tile"): {"64_keys_128_rows": patched((last_rows_stats, "COLUMN_BLOCK_N", 64), (last_rows_stats, "PACK_ROWS", 128))},
+    ("pbs", "permute"): {"index_select": patched((pbs, "apply_permutation", row_copy_permutation))},
     ("pbs", "shape_cache"): {"uncached": patched((pbs, "own_segment_parts", pbs.own_segment_parts.__wrapped__))},
 }
 

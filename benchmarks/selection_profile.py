@@ -14,13 +14,15 @@
   (``pack_rows``: a KV group's heads stacked; the 64-key variants run twice, to show the run-to-run
   spread); ``max_abs_diff`` against 64 keys, one head per pass (session 18's file also has a
   keys-major tile, ``K · Qᵀ``, for the diagonal callers: slower for every tile, removed);
+* ``launch`` rows — the same calls at each caller's default tiles with 4, 8 or 16 warps and 1 to 4
+  pipeline stages (:data:`LAUNCHES`), and the GPU kernels of the default launch (``by_name``);
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
 
 Writes ``$OUT/selection_profile_h200.json``::
 
-    python -u -m benchmarks.selection_profile --out $OUT [--lengths 32768 131072] [--parts sums,profile]
+    python -u -m benchmarks.selection_profile --out $OUT [--lengths 32768 131072] [--parts sums,launch,profile]
 """
 
 from __future__ import annotations
@@ -85,6 +87,32 @@ def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+LAUNCHES = tuple((w, s) for w in (4, 8, 16) for s in (1, 2, 3, 4))
+"""(warps, pipeline stages) of the last-row sums' two passes tried at each caller's default tiles."""
+
+
+def launch_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time of the last-row sums call per caller at its default tiles and each launch of :data:`LAUNCHES`
+    (the default launch first and last, for the spread), and its GPU kernels at the default launch."""
+    from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+
+    rows = []
+    for label, r, diagonals in (("pbs", 128, False), ("vertical_slash", 64, True), ("flexprefill", 128, True)):
+        base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals)
+        for i, (warps, stages) in enumerate(((None, None), *LAUNCHES, (None, None))):
+            fn = lambda w=warps, s=stages: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, num_warps=w, num_stages=s)  # noqa: E731
+            row = {"kind": "launch", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "num_warps": warps, "num_stages": stages}
+            try:
+                diff = max((g - w).abs().max().item() for g, w in zip(fn(), base) if g is not None)
+                rows.append(dict(row, ms=timed(fn), max_abs_diff=diff))
+            except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory, registers) is reported
+                rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
+            if i == 0:
+                rows[-1].update(grouped(kernel_timeline(fn)))
+            log({k_: v for k_, v in rows[-1].items() if k_ != "by_name"}, rows[-1].get("by_name", [])[:6])
+    return rows
+
+
 def grouped(timeline: list) -> dict:
     """Kernel time and count per kernel name, largest first."""
     acc = defaultdict(lambda: [0.0, 0])
@@ -116,6 +144,7 @@ def main(argv=None):
             res["rows"] += pool_rows(x, name, block)
         res["rows"] += s2o_sort_rows(q, k) if "sort" in parts else []
         res["rows"] += sums_rows(q, k) if "sums" in parts else []
+        res["rows"] += launch_rows(q, k) if "launch" in parts else []
         for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)

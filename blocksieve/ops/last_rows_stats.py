@@ -11,14 +11,15 @@ Two passes over the keys, both a program per (span of ``BLOCK_N``-key tiles, KV 
 the KV group's ``G`` query heads ``HP`` at a time (:func:`~blocksieve.ops._triton_utils.heads_per_pass`): their ``R <= BLOCK_R``
 rows of ``q`` each are stacked into one ``[HP · BLOCK_R, D]`` operand (query head ``h`` reads KV
 head ``h // G``), so each key tile of the span is loaded once per ``HP`` heads and multiplied in one
-larger product (about four programs per SM; a span's tiles stay in L2 across the passes):
+larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the passes):
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
    head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
-2. :func:`_sums_kernel` — ``p = exp2(s - m) / l`` tile by tile; the column sums are a reduction
+2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums are a reduction
    over rows (each key belongs to one program: plain stores). The tile's diagonals form a band of
-   ``R + BLOCK_N - 1`` offsets: ``tl.gather`` skews ``p`` chunk by chunk (``BLOCK_N`` offsets per
-   chunk) so that a diagonal becomes a column, reduced over rows, and each program stores its own
+   ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each row of ``p`` so
+   that a diagonal becomes a column (the rotation is the same for every chunk), and a masked
+   reduction over rows per chunk gives the band, and each program stores its own
    band (no atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
    fixed order, so the result is deterministic.
 
@@ -43,27 +44,25 @@ from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64
-WIDE_BLOCK_N = 32
-"""Keys per tile when more than 64 rows take the diagonal sums too (FlexPrefill's 128): the diagonals'
-skew costs more per gathered entry the wider the tile. H100, session 17, whole call of this function
-(``selection_profile_h100_s17.json``, ``sums`` rows, default ``pack_rows``): 128 rows with diagonals
-1.00 ms at 32K and 3.14 ms at 128K with 32-key tiles against 1.23-1.29 / 4.33-4.35 ms with 64, and
-FlexPrefill's selection 1.69 / 6.29-6.35 ms against 2.01 / 7.49-7.54 (``last_rows_ab_h100_s17.json``,
-CUDA graphs, same run, same layouts). PBS's 128 rows without diagonals stay at 64 keys (32: 0.6-1 %
-slower there); 64 rows with diagonals (vertical_slash) were slower with 32-key tiles (0.59 / 1.95
-against 0.47-0.54 / 1.60 ms), 16 slower still."""
+"""Keys per tile when the diagonal sums are taken too (vertical_slash's 64 rows, FlexPrefill's 128).
+H100, session 19, whole call of this function at 32K (``selection_profile_h100_s19.json``, ``sums``
+rows, rows per tile 128 / 256): 64 rows 0.419-0.421 / 0.392-0.399 ms against 0.521 / 0.588 with 32
+keys; 128 rows 0.745-0.746 / 0.692-0.697 against 0.825 / 0.800. (Before that session's one-gather
+skew, 32-key tiles were the faster for 128 rows: 0.873-0.884 against 1.165-1.205 ms.)"""
+COLUMN_BLOCK_N = 32
+"""Keys per tile for the column sums alone (PBS's 128 rows). Same file, 32K, 256 rows per tile: 0.364
+against 0.391-0.410 ms with 64 keys (64 rows: 0.215 against 0.230-0.244); PBS's selection 0.730-0.732
+against 0.759 ms at 32K and 3.01-3.04 against 3.10-3.13 ms at 128K (``last_rows_ab_h100_s19.json``)."""
 MAX_ROWS = 256
 MAX_HEAD_DIM = 256
-PACK_ROWS = 128
-"""Most query rows (of the heads of one KV group) stacked in one score tile: two 64-row heads, one
-128-row head (the fastest of 1-512 on an H100, docs/dev/blocks_notes.md, session 14)."""
-DIAGONAL_PACK_ROWS = 256
-"""Most stacked rows when at most 64 rows take the diagonal sums too (vertical_slash's 64: four heads
-per tile). H100, session 17, whole call (``selection_profile_h100_s17.json``, ``sums`` rows, 64-key
-tiles): 0.42-0.43 / 1.42-1.43 ms at 32K / 128K against 0.47-0.54 / 1.60 ms with 128. Without the
-diagonals 256 was slower (64 rows 0.32-0.35 / 0.85-0.89 against 0.24-0.29 / 0.68-0.77 ms; PBS's 128
-rows 0.53-0.54 against 0.40-0.47 ms at 32K); for 128 rows with diagonals (32-key tiles) it was faster
-at 32K and slower at 128K (0.92 / 3.17 against 1.00 / 3.14 ms). Those keep :data:`PACK_ROWS`."""
+PACK_ROWS = 256
+"""Most query rows (of the heads of one KV group) stacked in one score tile: four 64-row heads, two
+128-row heads. 128 was the faster for the column sums with 64-key tiles (sessions 14 and 17), 256
+with the default tiles of every caller since session 19 (figures above)."""
+PROGRAMS_PER_SM = 4
+"""Programs per SM the key tiles are spread over (a span of tiles each). vertical_slash's selection
+(H100, session 19, ``last_rows_ab_h100_s19.json``) took 0.695-0.696 ms at 32K with 4, 0.684-0.685
+with 2, 0.712-0.714 with 8, 0.757 with 16; at 128K 2.79-2.85 ms with 4 and 2.82-2.90 with the others."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,7 +115,7 @@ def _row_stats_kernel(
 
 @triton.jit
 def _sums_kernel(
-    Q, K, M, L, COLS, BANDS,
+    Q, K, BIAS, COLS, BANDS,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     q_len, kv_len, rows, num_kv_heads, group, n_tiles, tiles_per_span, qk_scale,
     D: tl.constexpr, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -144,8 +143,7 @@ def _sums_kernel(
         m_h = g0 + o_hp < group  # [HP]
         p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
         b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
-        b_m = tl.load(M + bh * rows + o_r, mask=m_r, other=0.0)  # [BP]
-        b_l = tl.load(L + bh * rows + o_r, mask=m_r, other=1.0)  # [BP]
+        b_bias = tl.load(BIAS + bh * rows + o_r, mask=m_r, other=0.0)  # [BP] m + log2(l): p = exp2(s - bias)
         for t in range(tiles_per_span):
             i_t = i_s * tiles_per_span + t
             o_key = i_t * BLOCK_N + o_c  # [BN]
@@ -154,18 +152,20 @@ def _sums_kernel(
             b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
             m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BP, BN]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
-            b_p = tl.where(m_vis, tl.exp2(b_s - b_m[:, None]) / b_l[:, None], 0.0)  # [BP, BN]
+            b_p = tl.where(m_vis, tl.exp2(b_s - b_bias[:, None]), 0.0)  # [BP, BN]
             col = tl.sum(tl.reshape(b_p, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]: each head's rows
             tl.store(COLS + bh_h[:, None] * kv_len + o_key[None, :], col, mask=m_h[:, None] & m_key[None, :])
             if DIAGONALS:
                 m_tile = m_h[:, None] & (o_key < n_tiles * BLOCK_N)[None, :]  # the last span may run past the last tile
-                # band offset e = (kv_len - 1 - first key of the tile) - d; row t meets it at column t + e - (rows - 1)
+                # band offset e = c · BLOCK_N + f = (kv_len - 1 - first key of the tile) - d; row t meets it at column
+                # t + e - (rows - 1), the same column mod BLOCK_N for every chunk c: one gather rotates each row,
+                # and each entry lands in the one chunk c that puts the column inside the tile
+                o_rot = (o_r[:, None] + o_c[None, :] + (N_CHUNKS * BLOCK_N - rows + 1)) % BLOCK_N  # [BP, BN]
+                b_g = tl.gather(b_p, o_rot, 1)  # [BP, BN]
+                o_chunk = (o_rot - o_c[None, :] - o_r[:, None] + rows - 1) // BLOCK_N  # [BP, BN] (rows past `rows` hold zeros)
                 for c in tl.static_range(N_CHUNKS):
+                    part = tl.sum(tl.reshape(tl.where(o_chunk == c, b_g, 0.0), [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
                     o_e = c * BLOCK_N + o_c  # [BN]
-                    o_col = o_r[:, None] + o_e[None, :] - (rows - 1)  # [BP, BN]
-                    m_col = (o_col >= 0) & (o_col < BLOCK_N)
-                    b_g = tl.where(m_col, tl.gather(b_p, tl.where(m_col, o_col, 0), 1), 0.0)  # [BP, BN]
-                    part = tl.sum(tl.reshape(b_g, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
                     tl.store(BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e[None, :], part, mask=m_tile)
 
 
@@ -216,6 +216,8 @@ def last_rows_sums_triton(
     diagonals: bool = True,
     block_n: int | None = None,
     pack_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
@@ -223,11 +225,13 @@ def last_rows_sums_triton(
         q: ``[B, Hq, Lq, D]`` fp16/bf16/fp32; k: ``[B, Hkv, Lkv, D]`` of the same dtype, ``Lq <= Lkv``.
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
-        block_n: keys per tile (a launch knob: 16 to 256, a power of two); default :data:`WIDE_BLOCK_N`
-            for the diagonals of more than 64 rows, else :data:`BLOCK_N`.
+        block_n: keys per tile (a launch knob: 16 to 256, a power of two); default :data:`BLOCK_N` with
+            the diagonals, :data:`COLUMN_BLOCK_N` without.
         pack_rows: most query rows per tile (a launch knob): the rows of :func:`~blocksieve.ops._triton_utils.heads_per_pass`
             heads of a KV group are stacked so that each key tile is loaded once for them all; default
-            :data:`DIAGONAL_PACK_ROWS` for the diagonals of at most 64 rows, else :data:`PACK_ROWS`.
+            :data:`PACK_ROWS`.
+        num_warps, num_stages: launch knobs of both passes; default 8 warps for tiles of 128 rows or
+            more, else 4, and Triton's default stages.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
@@ -239,13 +243,13 @@ def last_rows_sums_triton(
     q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
     block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
     if block_n is None:
-        block_n = WIDE_BLOCK_N if diagonals and r > 64 else BLOCK_N
+        block_n = BLOCK_N if diagonals else COLUMN_BLOCK_N
     if pack_rows is None:
-        pack_rows = DIAGONAL_PACK_ROWS if diagonals and r <= 64 else PACK_ROWS
+        pack_rows = PACK_ROWS
     if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
     n_tiles = math.ceil(lkv / block_n)
-    tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (4 * sm_count(q))))
+    tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (PROGRAMS_PER_SM * sm_count(q))))
     n_span = math.ceil(n_tiles / tiles_per_span)
     n_chunks = math.ceil((block_r + block_n - 1) / block_n)
     hp = heads_per_pass(hq // hkv, block_r, pack_rows)
@@ -257,8 +261,10 @@ def last_rows_sums_triton(
         "BLOCK_D": block_d,
         "UPCAST": upcast_dots(q.dtype),
         "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": 8 if hp * block_r >= 128 else 4,
+        "num_warps": num_warps or (8 if hp * block_r >= 128 else 4),
     }
+    if num_stages is not None:
+        meta["num_stages"] = num_stages
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     qk_scale = float(scale) * LOG2E
     m_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
@@ -267,11 +273,11 @@ def last_rows_sums_triton(
         q, k, m_part, l_part, *strides, lq, lkv, r, hkv, hq // hkv, n_span, tiles_per_span, qk_scale, **meta
     )
     m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
-    l_tot = (l_part * torch.exp2(m_part - m[:, :, None])).sum(2)
+    bias = m + torch.log2((l_part * torch.exp2(m_part - m[:, :, None])).sum(2))  # [B, Hq, R] log2 of the normaliser
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
     bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
     _sums_kernel[(n_span, b * hkv)](
-        q, k, m.contiguous(), l_tot.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, qk_scale,
+        q, k, bias.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, qk_scale,
         N_CHUNKS=n_chunks, DIAGONALS=diagonals, **meta,
     )  # fmt: skip
     return cols, (_add_bands(bands, lkv) if diagonals else None)

@@ -9,7 +9,7 @@ import pytest
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
 from blocksieve.ops._triton_utils import heads_per_pass
-from blocksieve.ops.last_rows_stats import BLOCK_N, PACK_ROWS, WIDE_BLOCK_N, kernel_supports, last_rows_sums_triton
+from blocksieve.ops.last_rows_stats import BLOCK_N, PACK_ROWS, kernel_supports, last_rows_sums_triton
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -58,8 +58,7 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
         assert (got.double().cpu() - gold).abs().max().item() <= 2 * ref_err + 1e-6 * r
     assert torch.allclose(cols.sum(-1).cpu(), torch.full((1, 4), float(r)), rtol=1e-5)
     with poisoned_outputs():
-        width = WIDE_BLOCK_N if r > 64 else BLOCK_N  # the default tile width of the call with diagonals
-        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False, block_n=width)
+        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False, block_n=BLOCK_N)  # the call's tile
     assert none is None and torch.equal(only_cols, cols)
 
 
@@ -164,4 +163,4 @@ def test_packed_heads_match_one_head_per_pass(pack_rows):
 def test_heads_per_pass():
     assert [heads_per_pass(4, r, 256) for r in (16, 64, 128, 256)] == [4, 4, 2, 1]
     assert [heads_per_pass(7, 32, 256), heads_per_pass(7, 64, 256), heads_per_pass(1, 16, 256), heads_per_pass(4, 64, 1)] == [8, 4, 1, 1]
-    assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 2, 1]  # the default packs at most 128 rows
+    assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 4, 2]  # the default packs at most 256 rows
