@@ -2,11 +2,13 @@
 
 The cases (each the default against the alternatives named):
 
-* ``tile`` — the last-row sums' default tiles (:data:`blocksieve.ops.last_rows_stats.BLOCK_N` keys
-  with the diagonals, :data:`~blocksieve.ops.last_rows_stats.COLUMN_BLOCK_N` without, and
-  :data:`~blocksieve.ops.last_rows_stats.PACK_ROWS` rows per tile) against those before session 19:
-  32 keys and 128 rows for ``flexprefill`` (128 rows with diagonals), 64 keys and 128 rows for
-  ``pbs`` (128 rows, columns only).
+* ``tile`` — the last-row sums' default tiles (:data:`blocksieve.ops.last_rows_stats.BLOCK_N` keys,
+  :data:`~blocksieve.ops.last_rows_stats.DIAGONAL_PACK_ROWS` rows per tile with the diagonals,
+  :data:`~blocksieve.ops.last_rows_stats.PACK_ROWS` without) against others: 32 keys and 128 rows for
+  ``flexprefill`` (its tile before session 19), 32 keys and 256 rows for ``pbs`` (the faster with 8 warps).
+* ``launch`` — the last-row passes' warps and stages (:func:`blocksieve.ops.last_rows_stats.default_launch`)
+  against those before session 19 (8 warps for tiles of 128 rows or more, 3 stages):
+  ``vertical_slash`` and ``pbs``.
 * ``permute`` — :func:`blocksieve.select.reorder.apply_permutation` (on CUDA ``torch.gather`` with
   the index expanded over the head dim) against whole rows by ``index_select``, as in session 18:
   ``pbs`` (its plan permutes K).
@@ -25,7 +27,8 @@ order of the fp32 sums, so near-ties may flip).
 Session 17's files (``benchmarks/results/last_rows_ab_h100_s17*.json``) A/B'd the choices made then:
 32-key tiles for FlexPrefill, four heads per tile for vertical_slash, the unsorted top-k.
 ``last_rows_ab_h100_s19_call1.json`` A/B'd session 18's choices and kernels kept off main (the
-radix-select top-k and digit-search cumulative masks, slower: ``docs/dev/blocks_notes.md``, session 19).
+radix-select top-k and digit-search cumulative masks, slower: ``docs/dev/blocks_notes.md``, session 19);
+``_call2`` and ``_call4`` the tiles and launches chosen then.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def row_copy_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * h * length, d).index_select(0, rows).view(b, h, length, d)
 
 
+def launch_before_s19(diagonals: bool, rows: int, tile_rows: int) -> tuple:
+    """The last-row passes' launch before session 19: 8 warps for tiles of 128 rows or more, else 4; 3 stages."""
+    return (8 if tile_rows >= 128 else 4), 3
+
+
 def fingerprint(result) -> list:
     """The tensors a selection returned (a layout's ids; each part of a plan's tuple), to compare variants."""
     parts = (result,) if isinstance(result, BlockLayout) else result
@@ -69,8 +77,10 @@ def patched(*changes):
 
 
 CASES = {
-    ("flexprefill", "tile"): {"32_keys_128_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 128))},
-    ("pbs", "tile"): {"64_keys_128_rows": patched((last_rows_stats, "COLUMN_BLOCK_N", 64), (last_rows_stats, "PACK_ROWS", 128))},
+    ("vertical_slash", "launch"): {"8_warps_3_stages": patched((last_rows_stats, "default_launch", launch_before_s19))},
+    ("pbs", "launch"): {"8_warps_3_stages": patched((last_rows_stats, "default_launch", launch_before_s19))},
+    ("flexprefill", "tile"): {"32_keys_128_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "DIAGONAL_PACK_ROWS", 128))},
+    ("pbs", "tile"): {"32_keys_256_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 256))},
     ("pbs", "permute"): {"index_select": patched((pbs, "apply_permutation", row_copy_permutation))},
     ("pbs", "shape_cache"): {"uncached": patched((pbs, "own_segment_parts", pbs.own_segment_parts.__wrapped__))},
 }

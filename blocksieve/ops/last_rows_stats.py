@@ -44,24 +44,26 @@ from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64
-"""Keys per tile when the diagonal sums are taken too (vertical_slash's 64 rows, FlexPrefill's 128).
-H100, session 19, whole call of this function at 32K (``selection_profile_h100_s19.json``, ``sums``
-rows, rows per tile 128 / 256): 64 rows 0.419-0.421 / 0.392-0.399 ms against 0.521 / 0.588 with 32
-keys; 128 rows 0.745-0.746 / 0.692-0.697 against 0.825 / 0.800. (Before that session's one-gather
-skew, 32-key tiles were the faster for 128 rows: 0.873-0.884 against 1.165-1.205 ms.)"""
-COLUMN_BLOCK_N = 32
-"""Keys per tile for the column sums alone (PBS's 128 rows). Same file, 32K, 256 rows per tile: 0.364
-against 0.391-0.410 ms with 64 keys (64 rows: 0.215 against 0.230-0.244); PBS's selection 0.730-0.732
-against 0.759 ms at 32K and 3.01-3.04 against 3.10-3.13 ms at 128K (``last_rows_ab_h100_s19.json``)."""
+"""Keys per tile. H100, session 19, whole call of this function at 32K (``selection_profile_h100_s19.json``,
+``sums`` rows; 8 warps), rows per tile 128 / 256: vertical_slash's 64 rows with diagonals 0.419-0.421
+/ 0.392-0.399 ms against 0.521 / 0.588 with 32 keys; FlexPrefill's 128 rows with diagonals 0.745-0.746 /
+0.692-0.697 against 0.825 / 0.800 (before that session's one-gather skew, 32-key tiles were the faster
+for 128 rows: 0.873-0.884 against 1.165-1.205 ms). PBS's 128 rows without diagonals: with 8 warps 32
+keys and 256 rows were the faster (0.364 against 0.391-0.410 ms), with :func:`default_launch`'s 4 warps
+64 keys and 128 rows are (PBS's selection 0.657 against 0.667-0.670 ms at 32K, 2.65-2.68 against
+2.74-2.76 ms at 128K, ``last_rows_ab_h100_s19_call4.json``)."""
 MAX_ROWS = 256
 MAX_HEAD_DIM = 256
-PACK_ROWS = 256
-"""Most query rows (of the heads of one KV group) stacked in one score tile: four 64-row heads, two
-128-row heads. 128 was the faster for the column sums with 64-key tiles (sessions 14 and 17), 256
-with the default tiles of every caller since session 19 (figures above)."""
+PACK_ROWS = 128
+"""Most query rows (of the heads of one KV group) stacked in one score tile for the column sums alone:
+one 128-row head (PBS; figures above; sessions 14 and 17 found it the fastest of 1-512 too)."""
+DIAGONAL_PACK_ROWS = 256
+"""Most stacked rows when the diagonal sums are taken too: four 64-row heads (vertical_slash), two
+128-row heads (FlexPrefill); figures above, and session 17's for vertical_slash (0.42-0.43 / 1.42-1.43
+ms at 32K / 128K against 0.47-0.54 / 1.60 with 128)."""
 PROGRAMS_PER_SM = 4
 """Programs per SM the key tiles are spread over (a span of tiles each). vertical_slash's selection
-(H100, session 19, ``last_rows_ab_h100_s19.json``) took 0.695-0.696 ms at 32K with 4, 0.684-0.685
+(H100, session 19, ``last_rows_ab_h100_s19_call1.json``) took 0.695-0.696 ms at 32K with 4, 0.684-0.685
 with 2, 0.712-0.714 with 8, 0.757 with 16; at 128K 2.79-2.85 ms with 4 and 2.82-2.90 with the others."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
@@ -208,6 +210,25 @@ def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
     return rev.flatten(2)[..., :kv_len].flip(-1)
 
 
+def default_launch(diagonals: bool, rows: int, tile_rows: int) -> tuple:
+    """``(warps, pipeline stages)`` of both passes for ``rows`` last rows stacked into ``tile_rows`` per tile.
+
+    H100, session 19, the whole call at 32K / 128K (``selection_profile_h100_s19_launch.json``, ``launch``
+    rows; 4, 8, 16 warps × 1-4 stages, every one tried; 64-key tiles with 256 rows, PBS's 32 keys):
+    columns only (PBS's 128 rows) 4 warps and 3 stages, 0.356 / 1.065 ms against 0.369-0.377 /
+    1.139-1.142 with 8 warps and 3; 64 rows
+    with diagonals (vertical_slash) 4 warps and 2 stages, 0.395 / 1.032 against 0.422-0.425 /
+    1.215-1.229 (4 warps with 3 stages: 0.503 / 1.427); 128 rows with diagonals (FlexPrefill) 8 warps
+    and 3 stages, the fastest (0.696-0.701 / 2.33-2.35; 4 warps 1.18-1.28 / 3.8-4.1). Tiles of fewer than
+    128 rows take 4 warps. Selection A/B against 8 warps and 3 stages (``last_rows_ab_h100_s19_call4.json``,
+    CUDA graphs): vertical_slash 0.553-0.559 against 0.612-0.613 ms at 32K, 1.84-1.86 against 2.02-2.03
+    ms at 128K; PBS 0.653-0.666 against 0.685-0.691 and 2.74-2.75 against 2.80-2.82 ms.
+    """
+    if tile_rows < 128 or not diagonals:
+        return 4, 3
+    return (4, 2) if rows <= 64 else (8, 3)
+
+
 def last_rows_sums_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,13 +246,11 @@ def last_rows_sums_triton(
         q: ``[B, Hq, Lq, D]`` fp16/bf16/fp32; k: ``[B, Hkv, Lkv, D]`` of the same dtype, ``Lq <= Lkv``.
         rows: ``R`` before clipping to ``Lq`` (at most 256); scale: the softmax scale (``D**-0.5`` usually).
         diagonals: compute the diagonal sums (skip them, the costlier part, when only columns are needed).
-        block_n: keys per tile (a launch knob: 16 to 256, a power of two); default :data:`BLOCK_N` with
-            the diagonals, :data:`COLUMN_BLOCK_N` without.
+        block_n: keys per tile (a launch knob: 16 to 256, a power of two); default :data:`BLOCK_N`.
         pack_rows: most query rows per tile (a launch knob): the rows of :func:`~blocksieve.ops._triton_utils.heads_per_pass`
             heads of a KV group are stacked so that each key tile is loaded once for them all; default
-            :data:`PACK_ROWS`.
-        num_warps, num_stages: launch knobs of both passes; default 8 warps for tiles of 128 rows or
-            more, else 4, and Triton's default stages.
+            :data:`DIAGONAL_PACK_ROWS` with the diagonals, :data:`PACK_ROWS` without.
+        num_warps, num_stages: launch knobs of both passes; default :func:`default_launch`'s.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
@@ -243,9 +262,9 @@ def last_rows_sums_triton(
     q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
     block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
     if block_n is None:
-        block_n = BLOCK_N if diagonals else COLUMN_BLOCK_N
+        block_n = BLOCK_N
     if pack_rows is None:
-        pack_rows = PACK_ROWS
+        pack_rows = DIAGONAL_PACK_ROWS if diagonals else PACK_ROWS
     if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
         raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
     n_tiles = math.ceil(lkv / block_n)
@@ -261,10 +280,9 @@ def last_rows_sums_triton(
         "BLOCK_D": block_d,
         "UPCAST": upcast_dots(q.dtype),
         "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": num_warps or (8 if hp * block_r >= 128 else 4),
     }
-    if num_stages is not None:
-        meta["num_stages"] = num_stages
+    warps, stages = default_launch(diagonals, r, hp * block_r)
+    meta.update(num_warps=num_warps or warps, num_stages=num_stages or stages)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     qk_scale = float(scale) * LOG2E
     m_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)

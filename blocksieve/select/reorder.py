@@ -33,7 +33,7 @@ def apply_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     On CUDA one ``torch.gather`` with the index expanded over ``D``; elsewhere whole rows are copied
     (``index_select`` over the flattened ``[B · H · L, D]``). Each is the faster where it runs: PBS's
     selection took 0.706 ms with the gather and 0.759 ms with the row copy at 32K on an H100
-    (``last_rows_ab_h100_s19.json``), while on a 2-core CPU a ``[1, 8, 16384, 128]`` bf16 K took 115 ms
+    (``last_rows_ab_h100_s19_call1.json``), while on a 2-core CPU a ``[1, 8, 16384, 128]`` bf16 K took 115 ms
     with the gather and 16.6 ms with the row copy (session 18).
     """
     b, h, length, d = x.shape

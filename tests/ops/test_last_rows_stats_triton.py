@@ -59,7 +59,7 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
     assert torch.allclose(cols.sum(-1).cpu(), torch.full((1, 4), float(r)), rtol=1e-5)
     with poisoned_outputs():
         only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False, block_n=BLOCK_N)  # the call's tile
-    assert none is None and torch.equal(only_cols, cols)
+    assert none is None and torch.allclose(only_cols, cols, rtol=1e-5, atol=1e-6)  # the launch may differ: summation order
 
 
 @pytest.mark.parametrize("block_n", [16, 64, 128])
@@ -163,4 +163,4 @@ def test_packed_heads_match_one_head_per_pass(pack_rows):
 def test_heads_per_pass():
     assert [heads_per_pass(4, r, 256) for r in (16, 64, 128, 256)] == [4, 4, 2, 1]
     assert [heads_per_pass(7, 32, 256), heads_per_pass(7, 64, 256), heads_per_pass(1, 16, 256), heads_per_pass(4, 64, 1)] == [8, 4, 1, 1]
-    assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 4, 2]  # the default packs at most 256 rows
+    assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 2, 1]  # the columns-only default packs at most 128 rows
