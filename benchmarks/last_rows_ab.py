@@ -10,8 +10,8 @@ The cases (each the default against the alternatives named):
   against those before session 19 (8 warps for tiles of 128 rows or more, 3 stages):
   ``vertical_slash`` and ``pbs``.
 * ``permute`` — :func:`blocksieve.select.reorder.apply_permutation` (on CUDA ``torch.gather`` with
-  the index expanded over the head dim) against whole rows by ``index_select``, as in session 18:
-  ``pbs`` (its plan permutes K).
+  the index expanded over the head dim) against :func:`~blocksieve.select.reorder.permute_by_row_copy`,
+  as in session 18: ``pbs`` (its plan permutes K).
 * ``shape_cache`` — PBS's shape-only parts (segment starts, own-segment layout) cached per shapes
   (:func:`blocksieve.methods.pbs.own_segment_parts`) against built on every call.
 
@@ -44,13 +44,7 @@ from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.layout import BlockLayout
 from blocksieve.methods import pbs
 from blocksieve.ops import last_rows_stats
-
-
-def row_copy_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``apply_permutation`` as in session 18: whole rows of the flattened ``[B · H · L, D]`` by ``index_select``."""
-    b, h, length, d = x.shape
-    rows = (perm + torch.arange(0, b * h * length, length, device=perm.device).view(b, h, 1)).reshape(-1)
-    return x.reshape(b * h * length, d).index_select(0, rows).view(b, h, length, d)
+from blocksieve.select.reorder import permute_by_row_copy
 
 
 def launch_before_s19(diagonals: bool, rows: int, tile_rows: int) -> tuple:
@@ -81,7 +75,7 @@ CASES = {
     ("pbs", "launch"): {"8_warps_3_stages": patched((last_rows_stats, "default_launch", launch_before_s19))},
     ("flexprefill", "tile"): {"32_keys_128_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "DIAGONAL_PACK_ROWS", 128))},
     ("pbs", "tile"): {"32_keys_256_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 256))},
-    ("pbs", "permute"): {"index_select": patched((pbs, "apply_permutation", row_copy_permutation))},
+    ("pbs", "permute"): {"index_select": patched((pbs, "apply_permutation", permute_by_row_copy))},
     ("pbs", "shape_cache"): {"uncached": patched((pbs, "own_segment_parts", pbs.own_segment_parts.__wrapped__))},
 }
 

@@ -15,12 +15,12 @@ larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the pa
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
    head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
-2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums are a reduction
-   over rows (each key belongs to one program: plain stores). The tile's diagonals form a band of
-   ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each row of ``p`` so
-   that a diagonal becomes a column (the rotation is the same for every chunk), and a masked
-   reduction over rows per chunk gives the band, and each program stores its own
-   band (no atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
+2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums
+   are a reduction over rows (each key belongs to one program: plain stores). The tile's diagonals
+   form a band of ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each
+   row of ``p`` so that a diagonal becomes a column (the rotation is the same for every chunk), a
+   masked reduction over rows per chunk gives the band, and each program stores its own band (no
+   atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
    fixed order, so the result is deterministic.
 
 Memory: ``O(B · Hq · Lkv)`` fp32 (the band partials are ``⌈(R + BLOCK_N - 1) / BLOCK_N⌉ · Lkv`` per
@@ -215,14 +215,18 @@ def default_launch(diagonals: bool, rows: int, tile_rows: int) -> tuple:
 
     H100, session 19, the whole call at 32K / 128K (``selection_profile_h100_s19_launch.json``, ``launch``
     rows; 4, 8, 16 warps × 1-4 stages, every one tried; 64-key tiles with 256 rows, PBS's 32 keys):
-    columns only (PBS's 128 rows) 4 warps and 3 stages, 0.356 / 1.065 ms against 0.369-0.377 /
-    1.139-1.142 with 8 warps and 3; 64 rows
-    with diagonals (vertical_slash) 4 warps and 2 stages, 0.395 / 1.032 against 0.422-0.425 /
-    1.215-1.229 (4 warps with 3 stages: 0.503 / 1.427); 128 rows with diagonals (FlexPrefill) 8 warps
-    and 3 stages, the fastest (0.696-0.701 / 2.33-2.35; 4 warps 1.18-1.28 / 3.8-4.1). Tiles of fewer than
-    128 rows take 4 warps. Selection A/B against 8 warps and 3 stages (``last_rows_ab_h100_s19_call4.json``,
-    CUDA graphs): vertical_slash 0.553-0.559 against 0.612-0.613 ms at 32K, 1.84-1.86 against 2.02-2.03
-    ms at 128K; PBS 0.653-0.666 against 0.685-0.691 and 2.74-2.75 against 2.80-2.82 ms.
+
+    * columns only (PBS's 128 rows): 4 warps, 3 stages, 0.356 / 1.065 ms against 0.369-0.377 /
+      1.139-1.142 with 8 warps and 3;
+    * 64 rows with diagonals (vertical_slash): 4 warps, 2 stages, 0.395 / 1.032 ms against 0.422-0.425
+      / 1.215-1.229 (4 warps with 3 stages: 0.503 / 1.427);
+    * 128 rows with diagonals (FlexPrefill): 8 warps, 3 stages, the fastest (0.696-0.701 / 2.33-2.35;
+      4 warps 1.18-1.28 / 3.8-4.1);
+    * tiles of fewer than 128 rows: 4 warps.
+
+    Selection A/B against 8 warps and 3 stages (``last_rows_ab_h100_s19_call4.json``, CUDA graphs):
+    vertical_slash 0.553-0.559 against 0.612-0.613 ms at 32K, 1.84-1.86 against 2.02-2.03 ms at 128K;
+    PBS 0.653-0.666 against 0.685-0.691 and 2.74-2.75 against 2.80-2.82 ms.
     """
     if tile_rows < 128 or not diagonals:
         return 4, 3

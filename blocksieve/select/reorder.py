@@ -30,17 +30,25 @@ def segment_sort(importance: torch.Tensor, segment: int) -> torch.Tensor:
 def apply_permutation(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x [B, H, L, D]`` reordered along L by ``perm [B, H, L]``: ``out[..., i, :] = x[..., perm[i], :]``.
 
-    On CUDA one ``torch.gather`` with the index expanded over ``D``; elsewhere whole rows are copied
-    (``index_select`` over the flattened ``[B · H · L, D]``). Each is the faster where it runs: PBS's
-    selection took 0.706 ms with the gather and 0.759 ms with the row copy at 32K on an H100
-    (``last_rows_ab_h100_s19_call1.json``), while on a 2-core CPU a ``[1, 8, 16384, 128]`` bf16 K took 115 ms
-    with the gather and 16.6 ms with the row copy (session 18).
+    On CUDA :func:`permute_by_gather`, elsewhere :func:`permute_by_row_copy`: each is the faster where
+    it runs. PBS's selection took 0.706 ms with the gather and 0.759 ms with the row copy at 32K on an
+    H100 (``last_rows_ab_h100_s19_call1.json``), while on a 2-core CPU a ``[1, 8, 16384, 128]`` bf16 K
+    took 115 ms with the gather and 16.6 ms with the row copy (session 18).
     """
-    b, h, length, d = x.shape
+    b, h, length, _ = x.shape
     if perm.shape != (b, h, length):
         raise ValueError(f"perm must be [B, H, L] = {(b, h, length)} to reorder x {tuple(x.shape)}, got {tuple(perm.shape)}")
-    if x.is_cuda:
-        return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, d))
+    return permute_by_gather(x, perm) if x.is_cuda else permute_by_row_copy(x, perm)
+
+
+def permute_by_gather(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_permutation` as one ``torch.gather`` with the index expanded over ``D`` (no shape check)."""
+    return torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def permute_by_row_copy(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_permutation` copying whole rows of the flattened ``[B · H · L, D]`` (``index_select``; no shape check)."""
+    b, h, length, d = x.shape
     rows = (perm + torch.arange(0, b * h * length, length, device=perm.device).view(b, h, 1)).reshape(-1)
     return x.reshape(b * h * length, d).index_select(0, rows).view(b, h, length, d)
 

@@ -9,7 +9,7 @@ import pytest
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
 from blocksieve.ops._triton_utils import heads_per_pass
-from blocksieve.ops.last_rows_stats import BLOCK_N, PACK_ROWS, kernel_supports, last_rows_sums_triton
+from blocksieve.ops.last_rows_stats import BLOCK_N, DIAGONAL_PACK_ROWS, PACK_ROWS, kernel_supports, last_rows_sums_triton
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -57,9 +57,12 @@ def test_last_rows_sums_triton_matches_reference(lq, lkv, rows, d, dtype):
         ref_err = (ref.double().cpu() - gold).abs().max().item()
         assert (got.double().cpu() - gold).abs().max().item() <= 2 * ref_err + 1e-6 * r
     assert torch.allclose(cols.sum(-1).cpu(), torch.full((1, 4), float(r)), rtol=1e-5)
-    with poisoned_outputs():
-        only_cols, none = last_rows_sums_triton(q, k, rows, d**-0.5, diagonals=False, block_n=BLOCK_N)  # the call's tile
-    assert none is None and torch.allclose(only_cols, cols, rtol=1e-5, atol=1e-6)  # the launch may differ: summation order
+    with poisoned_outputs():  # one tile and launch for both, so the fp32 sums add in one order
+        both = last_rows_sums_triton(q, k, rows, d**-0.5, num_warps=4, num_stages=2)[0]
+        only_cols, none = last_rows_sums_triton(
+            q, k, rows, d**-0.5, diagonals=False, block_n=BLOCK_N, pack_rows=DIAGONAL_PACK_ROWS, num_warps=4, num_stages=2
+        )
+    assert none is None and torch.equal(only_cols, both)
 
 
 @pytest.mark.parametrize("block_n", [16, 64, 128])

@@ -18,7 +18,7 @@ from blocksieve.select.choose import (
 from blocksieve.select.force import own_segment_blocks
 from blocksieve.select.gqa import group_scores
 from blocksieve.select.pool import antidiagonal_pool, causal_key_conv, max_pool, mean_pool, minmax_pool, sample_pool
-from blocksieve.select.reorder import apply_permutation, invert_permutation, segment_sort
+from blocksieve.select.reorder import apply_permutation, invert_permutation, permute_by_gather, permute_by_row_copy, segment_sort
 from blocksieve.select.score import block_logsumexp, bound_query, grouped_dot, last_rows_probs, masked_softmax, page_upper_bound, slash_sums
 
 
@@ -196,3 +196,10 @@ def test_segment_sort_permutes_inside_segments():
     assert torch.equal(apply_permutation(x.transpose(0, 1).contiguous().transpose(0, 1), perm), apply_permutation(x, perm))
     with pytest.raises(ValueError, match=r"perm must be \[B, H, L\]"):
         apply_permutation(x, perm[:, :2])
+
+
+def test_both_permutation_paths_reorder_rows():
+    x = torch.randn(2, 3, 300, 8)
+    perm = segment_sort(torch.rand(2, 3, 300), 64)
+    want = torch.stack([torch.stack([x[b, h, perm[b, h]] for h in range(3)]) for b in range(2)])
+    assert torch.equal(permute_by_gather(x, perm), want) and torch.equal(permute_by_row_copy(x, perm), want)
