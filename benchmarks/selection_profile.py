@@ -66,6 +66,11 @@ def s2o_sort_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+def largest_difference(got: tuple, base: tuple) -> float:
+    """Largest absolute difference between two ``(cols, diags or None)`` results of the last-row sums."""
+    return max((g - w).abs().max().item() for g, w in zip(got, base) if g is not None)
+
+
 TILES = ((64, 128), (64, 256), (64, 128), (64, 256), (32, 128), (32, 256))
 """(key tile width, rows per tile) of the sums; the 64-key ones twice, for the run-to-run spread."""
 
@@ -79,8 +84,7 @@ def sums_rows(q: torch.Tensor, k: torch.Tensor) -> list:
         base = last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, pack_rows=1)
         for block_n, pack in TILES:
             fn = lambda b=block_n, p=pack: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, block_n=b, pack_rows=p)  # noqa: E731
-            got = fn()
-            diff = max((g - w).abs().max().item() for g, w in zip(got, base) if g is not None)
+            diff = largest_difference(fn(), base)
             row = {"kind": "sums", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "block_n": block_n, "pack_rows": pack}
             rows.append(dict(row, ms=timed(fn), max_abs_diff=diff))
             log(rows[-1])
@@ -103,7 +107,7 @@ def launch_rows(q: torch.Tensor, k: torch.Tensor) -> list:
             fn = lambda w=warps, s=stages: last_rows_sums_triton(q, k, r, q.shape[-1] ** -0.5, diagonals, num_warps=w, num_stages=s)  # noqa: E731
             row = {"kind": "launch", "L": q.shape[2], "as": label, "rows": r, "diagonals": diagonals, "num_warps": warps, "num_stages": stages}
             try:
-                diff = max((g - w).abs().max().item() for g, w in zip(fn(), base) if g is not None)
+                diff = largest_difference(fn(), base)
                 rows.append(dict(row, ms=timed(fn), max_abs_diff=diff))
             except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory, registers) is reported
                 rows.append(dict(row, error=f"{type(e).__name__}: {e}"[:300]))
