@@ -78,9 +78,14 @@ SWEEPS_LONG = {
 }
 OPTIONAL_SWEEPS = {
     "xattention_stride4": ("xattention", dict(block=64, stride=4), "tau", (0.3, 0.5, 0.7, 0.8, 0.9, 0.95), (64, 64)),
+    "flexprefill_vs_only": ("flexprefill", dict(block=64, tau=0.0), "gamma", (0.2, 0.35, 0.5, 0.7, 0.8, 0.9), (64, 64)),
+    "flexprefill_tau0.3": ("flexprefill", dict(block=64, tau=0.3), "gamma", (0.2, 0.35, 0.5, 0.7, 0.8, 0.9), (64, 64)),
+    "flexprefill_qa_only": ("flexprefill", dict(block=64, tau=1.0), "gamma", (0.2, 0.35, 0.5, 0.7, 0.8, 0.9), (64, 64)),
 }
 """Variants beyond the papers' defaults, run only when ``--methods`` names them (64-token blocks: for 4K-8K).
-``xattention_stride4``: antidiagonals every 4 rows instead of 8, twice the scoring work, a finer estimate."""
+``xattention_stride4``: antidiagonals every 4 rows instead of 8, twice the scoring work, a finer estimate.
+``flexprefill_*``: its JS threshold ``tau`` (0.1 in the paper) at 0 (every head vertical-slash), 0.3,
+and 1 (every head query-aware: ``sqrt(JSD) <= sqrt(ln 2) < 1``)."""
 LINKED = {"vertical_slash": lambda x: dict(slash_size=6 * x)}  # MInference's ~1:6 vertical:slash ratio
 
 

@@ -14,6 +14,14 @@ The cases (each the default against the alternatives named):
   as in session 18: ``pbs`` (its plan permutes K).
 * ``shape_cache`` — PBS's shape-only parts (segment starts, own-segment layout) cached per shapes
   (:func:`blocksieve.methods.pbs.own_segment_parts`) against built on every call.
+* ``mass_threshold`` — ``flexprefill``'s column and diagonal sets by
+  :func:`blocksieve.ops.mass_threshold.cumulative_mask_triton` (2-bit digits, about 4 programs per
+  multiprocessor) against the sort (:func:`blocksieve.select.choose.cumulative_mask`), 4-bit digits,
+  2 or 8 programs per multiprocessor, and the whole kernel path before session 20
+  (:func:`flexprefill_rows_before_s20`: sorts, fp32 query-aware scores, both patterns' rows for every
+  head and a ``torch.where``; session 20 writes each head's rows with its own pattern's kernel).
+* ``query_aware_scores`` — ``flexprefill``'s block scores of every query block on tensor cores in
+  ``tf32x3`` (:func:`blocksieve.methods.flexprefill.query_aware_scores`) against ``torch.matmul`` in fp32.
 
 Each variant's selection is timed from a CUDA graph, the variants alternating twice;
 ``same_layout`` compares each variant's selection with the default's (another tile changes the
@@ -22,17 +30,20 @@ order of the fp32 sums, so near-ties may flip).
 (the block-methods issue asks for at most 0.10), measured here too. Writes
 ``$OUT/last_rows_ab_<gpu>.json``::
 
-    python -u -m benchmarks.last_rows_ab --out $OUT
+    python -u -m benchmarks.last_rows_ab --out $OUT [--cases flexprefill:mass_threshold,...]
 
 Session 17's files (``benchmarks/results/last_rows_ab_h100_s17*.json``) A/B'd the choices made then:
 32-key tiles for FlexPrefill, four heads per tile for vertical_slash, the unsorted top-k.
 ``last_rows_ab_h100_s19_call1.json`` A/B'd session 18's choices and kernels kept off main (the
 radix-select top-k and digit-search cumulative masks, slower: ``docs/dev/blocks_notes.md``, session 19);
-``_call2`` and ``_call4`` the tiles and launches chosen then.
+``_call2`` and ``_call4`` the tiles and launches chosen then. ``last_rows_ab_h100_s20.json`` A/B'd
+session 20's FlexPrefill changes when the search ran 4-bit digits and one call per set (its
+``2_bit_digits`` rows are today's digits, run as two calls).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from unittest import mock
 
@@ -42,9 +53,13 @@ import blocksieve
 from benchmarks.bench_selection import METHODS, attend_fn, graph_timed, plan_fn, random_layout, synthetic, timed
 from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.layout import BlockLayout
-from blocksieve.methods import pbs
-from blocksieve.ops import last_rows_stats
+from blocksieve.methods import flexprefill, pbs
+from blocksieve.ops import last_rows_stats, mass_threshold
+from blocksieve.select.choose import cumulative_mask, vertical_slash_layout
+from blocksieve.select.force import diagonal_blocks
+from blocksieve.select.pool import block_mean
 from blocksieve.select.reorder import permute_by_row_copy
+from blocksieve.select.score import grouped_dot
 
 
 def launch_before_s19(diagonals: bool, rows: int, tile_rows: int) -> tuple:
@@ -56,6 +71,35 @@ def fingerprint(result) -> list:
     """The tensors a selection returned (a layout's ids; each part of a plan's tuple), to compare variants."""
     parts = (result,) if isinstance(result, BlockLayout) else result
     return [p if isinstance(p, torch.Tensor) else p.indices for p in parts]
+
+
+def flexprefill_rows_before_s20(self, q, k):
+    """FlexPrefill's kernel path before session 20: sorted column/diagonal sets, fp32 query-aware scores,
+    both patterns' rows for every head, then a ``torch.where`` per head."""
+    from blocksieve.ops.cumulative_select import causal_limit, cumulative_select_chunked
+
+    c = self.config
+    b, hq, lq, d = q.shape
+    lkv = k.shape[2]
+    nq, nk = -(-lq // c.block), -(-lkv // c.block)
+    qp, kp = block_mean(q, c.block), block_mean(k, c.block)
+    use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
+    cols, slashes = cumulative_mask(col_sums, c.gamma), cumulative_mask(diag_sums, c.gamma)
+    forced = torch.cat([torch.zeros(nq, 1, dtype=torch.long, device=q.device), diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]
+    qa_ids, qa_counts = cumulative_select_chunked(
+        fp32_scores(qp, kp, c.block, lkv - lq, d**-0.5), b, hq, nq, nk, c.gamma, limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced
+    )
+    cols[..., 0] = True
+    slashes[..., 0] = True
+    vs = vertical_slash_layout(cols, slashes, c.block, c.block, lq, lkv, backend="triton")
+    pick = use_qa[:, :, None]
+    ids = torch.where(pick[..., None], qa_ids, vs.indices)
+    return BlockLayout(ids, torch.where(pick, qa_counts, vs.counts), c.block, c.block, lq, lkv, True)
+
+
+def fp32_scores(qp, kp, block, offset, scale):
+    """FlexPrefill's query-aware scores before session 20: ``torch.matmul`` in fp32 (SIMT on the GPU)."""
+    return lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, scale)
 
 
 def patched(*changes):
@@ -77,17 +121,30 @@ CASES = {
     ("pbs", "tile"): {"32_keys_256_rows": patched((last_rows_stats, "BLOCK_N", 32), (last_rows_stats, "PACK_ROWS", 256))},
     ("pbs", "permute"): {"index_select": patched((pbs, "apply_permutation", permute_by_row_copy))},
     ("pbs", "shape_cache"): {"uncached": patched((pbs, "own_segment_parts", pbs.own_segment_parts.__wrapped__))},
+    ("flexprefill", "mass_threshold"): {
+        "sort": patched((mass_threshold, "cumulative_mask_triton", lambda mass, tau: cumulative_mask(mass, tau))),
+        "4_bit_digits": patched((mass_threshold, "DIGIT_BITS", 4), (mass_threshold, "PASSES", 8)),
+        "2_programs_per_sm": patched((mass_threshold, "PROGRAMS_PER_SM", 2)),
+        "8_programs_per_sm": patched((mass_threshold, "PROGRAMS_PER_SM", 8)),
+        "before_s20": patched((flexprefill.FlexPrefill, "_select_rows", flexprefill_rows_before_s20)),
+    },
+    ("flexprefill", "query_aware_scores"): {"fp32_matmul": patched((flexprefill, "query_aware_scores", fp32_scores))},
 }
 
 
 def main(argv=None):
-    lengths, out = sweep_args(argv)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="", help="method:choice pairs to run, comma-separated (default: every case)")
+    args, rest = ap.parse_known_args(argv)
+    lengths, out = sweep_args(rest)
+    wanted = {tuple(c.split(":")) for c in args.cases.split(",") if c}
+    cases = {key: alt for key, alt in CASES.items() if not wanted or key in wanted}
     rows = []
     for length in lengths:
         q, k, v = synthetic(length)
         run, backend = attend_fn(q, k, v, random_layout(q, k, 0.10))
         sparse10 = timed(run)
-        for (name, choice), alternatives in CASES.items():
+        for (name, choice), alternatives in cases.items():
             meth, cfg = METHODS[name]
             m = blocksieve.method(meth, **cfg)
             fn = plan_fn(m, q, k)

@@ -17,9 +17,12 @@ and PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one. The kernels: ``Q̂`
 ``ā`` is the column sums / R pooled per block), the query-aware rows with the first and diagonal
 blocks (:mod:`blocksieve.ops.cumulative_select`, no sort, rows written directly) and the
 vertical-slash rows, the first block as column 0 and the diagonal blocks as diagonal 0
-(:func:`~blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`); each head then takes its
-pattern's rows. The bisection of the kernel keeps every block tied with the last one kept, where
-the sort of the PyTorch path keeps only some (exact ties of pooled scores, in practice never).
+(:func:`~blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`) from the column and diagonal
+sets (:func:`vertical_slash_sets`: a threshold search by many programs per row instead of a sort,
+except in eager calls on rows under 64K keys); each head's rows are written by its pattern's kernel alone
+(``head_mask``), into one layout. The kernels keep
+every block, column or diagonal tied with the last one kept, where the sort of the PyTorch path
+keeps only some (exact ties of fp32 sums, in practice never).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from blocksieve.layout import BlockLayout, causal_block_mask
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
-from blocksieve.select.choose import chunked_layout, cumulative_mask, vertical_slash_block_mask, vertical_slash_layout
+from blocksieve.select.choose import chunked_layout, cumulative_mask, vertical_slash_block_mask
 from blocksieve.select.force import diagonal_blocks
 from blocksieve.select.pool import block_mean, mean_pool
 from blocksieve.select.score import LAST_ROWS_BACKENDS, grouped_dot, last_rows_sums, masked_softmax
@@ -55,6 +58,52 @@ def js_distance(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-10) -> torch.T
         return (a * (torch.log(a.clamp_min(eps)) - torch.log(b.clamp_min(eps)))).sum(-1)
 
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0).sqrt()
+
+
+EAGER_SEARCH_MIN_KEYS = 65536
+"""Shortest rows for which an eager (not graph-captured) CUDA call finds the column and diagonal sets
+with :func:`blocksieve.ops.mass_threshold.cumulative_mask_triton`; shorter ones sort. The search is
+17 Triton launches, whose host cost an eager call pays: on an H100 (session 20) FlexPrefill's eager
+selection took 4.28 ms at 32K with the search (1.18 ms from a CUDA graph) against 2.41 ms with the
+sort before that session, and 4.39 ms at 128K against 5.87. Between the two lengths it was not measured."""
+
+
+def vertical_slash_sets(col_sums: torch.Tensor, diag_sums: torch.Tensor, gamma: float) -> tuple:
+    """``(columns, diagonals)`` bool ``[B, H, Lkv]``: the smallest sets of each whose mass reaches ``gamma``.
+
+    ``col_sums`` / ``diag_sums`` fp32 ``[B, H, Lkv]``, on the kernel path. One
+    :func:`~blocksieve.ops.mass_threshold.cumulative_mask_triton` over both (stacked) under CUDA-graph
+    capture, for rows of at least :data:`EAGER_SEARCH_MIN_KEYS`, and under ``TRITON_INTERPRET=1``;
+    otherwise the sort of :func:`~blocksieve.select.choose.cumulative_mask`. The two agree up to
+    entries tied with the last one kept (the search keeps them all).
+    """
+    from blocksieve.ops.mass_threshold import cumulative_mask_triton
+
+    sums = torch.stack((col_sums, diag_sums))
+    if sums.is_cuda and sums.shape[-1] < EAGER_SEARCH_MIN_KEYS and not torch.cuda.is_current_stream_capturing():
+        return cumulative_mask(sums, gamma).unbind(0)
+    return cumulative_mask_triton(sums, gamma).unbind(0)
+
+
+def query_aware_scores(qp: torch.Tensor, kp: torch.Tensor, block: int, offset: int, scale: float):
+    """``(n0, n1) -> [B, Hq, n1-n0, NK]`` fp32: ``scale · mean(q_blk) · mean(k_blk)`` of query blocks ``[n0, n1)``.
+
+    ``qp [B, Hq, NQ, D]`` / ``kp [B, Hkv, NK, D]`` are the block means, ``offset = Lkv - Lq``. On CUDA
+    for head dims up to 128 the products run on tensor cores in ``tf32x3``
+    (:func:`blocksieve.ops.segment_dot.segment_block_dot_triton`, about fp32 accuracy; key blocks
+    past a query block's last row are ``-inf``, which the causal ``limit`` of the selection never
+    reads; also on the CPU under ``TRITON_INTERPRET=1``); elsewhere ``torch.matmul`` in fp32 (SIMT on
+    the GPU: 0.21 ms at 128K on an H100, session 17).
+    """
+    from blocksieve.ops._triton_utils import interpreting
+    from blocksieve.ops.segment_dot import kernel_supports, segment_block_dot_triton
+
+    if not (qp.is_cuda or interpreting()) or not kernel_supports(qp.shape[-1]):
+        return lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, scale)
+    qs = qp.float() * scale
+    # query block n sees key block j iff j · block <= offset + (n + 1) · block - 1: the kernel's
+    # "(j + 1) · block <= base + n · block" with segments of one block and base = offset + 2 · block - 1
+    return lambda n0, n1: segment_block_dot_triton(qs[:, :, n0:n1], kp, block, block, offset + (n0 + 2) * block - 1)
 
 
 @register
@@ -128,8 +177,9 @@ class FlexPrefill(SparseMethod):
         return kernel_supports(num_k_blocks)
 
     def _select_rows(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
-        """:meth:`select`'s layout from the row-writing kernels: both patterns for every head, then a per-head pick."""
+        """:meth:`select`'s layout from the row-writing kernels: each head's rows written by its pattern's kernel."""
         from blocksieve.ops.cumulative_select import causal_limit, cumulative_select_chunked
+        from blocksieve.ops.last_rows_stats import vertical_slash_layout_triton
 
         c = self.config
         b, hq, lq, d = q.shape
@@ -137,17 +187,15 @@ class FlexPrefill(SparseMethod):
         nq, nk = -(-lq // c.block), -(-lkv // c.block)
         qp, kp = block_mean(q, c.block), block_mean(k, c.block)
         use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
-        cols = cumulative_mask(col_sums, c.gamma)
-        slashes = cumulative_mask(diag_sums, c.gamma)
-        first = torch.zeros(nq, 1, dtype=torch.long, device=q.device)
-        forced = torch.cat([first, diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]  # [1, 1, NQ, 1 + W]
-        qa_ids, qa_counts = cumulative_select_chunked(
-            lambda n0, n1: grouped_dot(qp[:, :, n0:n1], kp, d**-0.5), b, hq, nq, nk, c.gamma,
-            limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced,
-        )  # fmt: skip
+        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.gamma)
         cols[..., 0] = True  # the first block
         slashes[..., 0] = True  # diagonal 0 crosses exactly the diagonal blocks
-        vs = vertical_slash_layout(cols, slashes, c.block, c.block, lq, lkv, backend="triton")
-        pick = use_qa[:, :, None]
-        ids = torch.where(pick[..., None], qa_ids, vs.indices)
-        return BlockLayout(ids, torch.where(pick, qa_counts, vs.counts), c.block, c.block, lq, lkv, True)
+        first = torch.zeros(nq, 1, dtype=torch.long, device=q.device)
+        forced = torch.cat([first, diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]  # [1, 1, NQ, 1 + W]
+        out = cumulative_select_chunked(
+            query_aware_scores(qp, kp, c.block, lkv - lq, d**-0.5), b, hq, nq, nk, c.gamma,
+            limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced, head_mask=use_qa,
+            out=(torch.empty(b, hq, nq, nk, dtype=torch.int32, device=q.device), torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)),
+        )  # fmt: skip
+        ids, counts = vertical_slash_layout_triton(cols, slashes, c.block, c.block, lq, lkv, nk, head_mask=~use_qa, out=out)
+        return BlockLayout(ids, counts, c.block, c.block, lq, lkv, True)

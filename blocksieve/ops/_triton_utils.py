@@ -166,3 +166,32 @@ def tma_available(t: torch.Tensor) -> bool:
     if interpreting():
         return True
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: int, h: int, nq: int, width: int, device) -> tuple:
+    """Outputs of a kernel that writes BlockLayout rows: ``(indices, counts, head flags, has_flags)``.
+
+    ``out`` is ``(indices int32 [B, H, NQ, width], counts int32 [B, H, NQ])`` to write into (new
+    ones when ``None``); ``head_mask`` bool ``[B, H]`` names the heads whose rows the kernel writes
+    (every head when ``None``), so that two kernels can fill one layout's heads between them. The
+    flags are int8 ``[B · H]`` (a dummy when there is no mask).
+    """
+    if out is None:
+        if head_mask is not None:
+            raise ValueError("head_mask leaves rows unwritten: pass out=(indices, counts) that the other heads fill")
+        indices = torch.empty(b, h, nq, width, dtype=torch.int32, device=device)  # every entry is written
+        counts = torch.empty(b, h, nq, dtype=torch.int32, device=device)
+    else:
+        indices, counts = out
+        if indices.shape != (b, h, nq, width) or counts.shape != (b, h, nq) or indices.dtype != torch.int32 or counts.dtype != torch.int32:
+            raise ValueError(
+                f"out must be int32 ([{b}, {h}, {nq}, {width}], [{b}, {h}, {nq}]), got {indices.dtype} {tuple(indices.shape)}, "
+                f"{counts.dtype} {tuple(counts.shape)}"
+            )
+        if not (indices.is_contiguous() and counts.is_contiguous()) or indices.device != torch.device(device) and not interpreting():
+            raise ValueError("out tensors must be contiguous and on the inputs' device")
+    if head_mask is None:
+        return indices, counts, torch.ones(1, dtype=torch.int8, device=device), False
+    if head_mask.shape != (b, h) or head_mask.dtype != torch.bool:
+        raise ValueError(f"head_mask must be bool [B={b}, H={h}], got {head_mask.dtype} {tuple(head_mask.shape)}")
+    return indices, counts, head_mask.to(device=device, dtype=torch.int8).contiguous().view(-1), True

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from blocksieve.layout import causal_last_key
-from blocksieve.ops._triton_utils import interpreting, next_pow2
+from blocksieve.ops._triton_utils import interpreting, layout_rows_out, next_pow2
 
 MAX_KEY_BLOCKS = 8192
 """Longest row (``NK``) the kernel holds in registers; longer rows take the PyTorch path."""
@@ -45,13 +45,16 @@ CHUNK_ELEMENTS = 1 << 26
 
 @triton.jit
 def _cumulative_select_kernel(
-    S, LIMIT, FORCED, IDX, CNT,
+    S, LIMIT, FORCED, IDX, CNT, HEADS_ON,
     stride_sb, stride_sh, stride_sn, stride_fb, stride_fh, stride_fn,
     row0, heads, nq, width, n_forced, tau,
-    SOFTMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTMAX: tl.constexpr, BLOCK_N: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
 ):  # fmt: skip
     i_n = tl.program_id(0)  # row of the chunk
     i_bh = tl.program_id(1)
+    if HAS_HEAD_MASK:
+        if tl.load(HEADS_ON + i_bh) == 0:
+            return  # another kernel writes this head's rows
     i_b = i_bh // heads
     i_h = i_bh % heads
     i_q = row0 + i_n  # query block
@@ -120,6 +123,8 @@ def cumulative_select_chunked(
     forced: torch.Tensor | None = None,
     width: int | None = None,
     softmax: bool = True,
+    head_mask: torch.Tensor | None = None,
+    out: tuple | None = None,
 ) -> tuple:
     """Cumulative-mass selection rows of the scores ``score_fn(n0, n1)`` builds, chunk by chunk.
 
@@ -133,6 +138,8 @@ def cumulative_select_chunked(
         forced: int ``[B or 1, H or 1, NQ or 1, F]`` ids every row keeps (if ``< limit``), -1 = none.
         width: ids per row, default NK; rows with more keep their ``width`` lowest ids.
         softmax: the mass is ``softmax`` of the scores (True) or the scores themselves (False).
+        head_mask, out: write only the rows of the heads where ``head_mask [B, H]`` is True, into
+            ``out = (indices, counts)`` (:func:`blocksieve.ops._triton_utils.layout_rows_out`).
     Returns:
         ``(indices int32 [B, H, NQ, width] ascending, -1 padded, counts int32 [B, H, NQ])``.
     """
@@ -154,8 +161,7 @@ def cumulative_select_chunked(
         raise ValueError(f"limit must be [NQ={num_q_blocks}], got {tuple(limit.shape)}")
     limit = limit.to(device=device, dtype=torch.int32).clamp(0, num_k_blocks).contiguous()
     forced, f_strides, n_forced = _forced_view(forced, batch, heads, num_q_blocks, device)
-    indices = torch.empty(batch, heads, num_q_blocks, width, dtype=torch.int32, device=device)  # every entry is written
-    counts = torch.empty(batch, heads, num_q_blocks, dtype=torch.int32, device=device)
+    indices, counts, heads_on, has_mask = layout_rows_out(out, head_mask, batch, heads, num_q_blocks, width, device)
     block_n = max(16, next_pow2(num_k_blocks))
     for n0 in range(0, num_q_blocks, step):
         n1 = min(num_q_blocks, n0 + step)
@@ -166,9 +172,9 @@ def cumulative_select_chunked(
             )
         s = s if s.stride(-1) == 1 else s.contiguous()
         _cumulative_select_kernel[(n1 - n0, batch * heads)](
-            s, limit, forced, indices, counts, s.stride(0), s.stride(1), s.stride(2), *f_strides,
+            s, limit, forced, indices, counts, heads_on, s.stride(0), s.stride(1), s.stride(2), *f_strides,
             n0, heads, num_q_blocks, width, n_forced, float(tau),
-            SOFTMAX=softmax, BLOCK_N=block_n, num_warps=max(1, min(8, block_n // 512)),
+            SOFTMAX=softmax, BLOCK_N=block_n, HAS_HEAD_MASK=has_mask, num_warps=max(1, min(8, block_n // 512)),
         )  # fmt: skip
     return indices, counts
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import heads_per_pass, interpreting, mma_operand, next_pow2, sm_count, upcast_dots
+from blocksieve.ops._triton_utils import heads_per_pass, interpreting, layout_rows_out, mma_operand, next_pow2, sm_count, upcast_dots
 from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
@@ -307,12 +307,15 @@ def last_rows_sums_triton(
 
 @triton.jit
 def _vertical_slash_layout_kernel(
-    COLS, CSUM, IDX, CNT,
+    COLS, CSUM, IDX, CNT, HEADS_ON,
     q_len, kv_len, nq, nk, n_res, width,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
 ):  # fmt: skip
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    if HAS_HEAD_MASK:
+        if tl.load(HEADS_ON + i_bh) == 0:
+            return  # another kernel writes this head's rows
     p0 = i_n * BLOCK_Q + kv_len - q_len  # first and last row positions of the query block
     p1 = tl.minimum((i_n + 1) * BLOCK_Q, q_len) - 1 + kv_len - q_len
     n_vis = tl.minimum(p1 // BLOCK_K + 1, nk)  # causal: key blocks starting at or before p1
@@ -343,7 +346,15 @@ def _vertical_slash_layout_kernel(
 
 
 def vertical_slash_layout_triton(
-    columns: torch.Tensor, slashes: torch.Tensor, block_q: int, block_k: int, q_len: int, kv_len: int, width: int
+    columns: torch.Tensor,
+    slashes: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    q_len: int,
+    kv_len: int,
+    width: int,
+    head_mask: torch.Tensor | None = None,
+    out: tuple | None = None,
 ) -> tuple:
     """Causal vertical-slash block layout rows, as ``chunked_layout`` over ``vertical_slash_block_mask`` builds them.
 
@@ -355,6 +366,8 @@ def vertical_slash_layout_triton(
     Args:
         columns, slashes: bool ``[B, H, Lkv]`` chosen key positions / diagonal offsets ``d`` (key = pos - d).
         width: ids per row, ``1 <= width <= NK``.
+        head_mask, out: write only the rows of the heads where ``head_mask [B, H]`` is True, into
+            ``out = (indices, counts)`` (:func:`blocksieve.ops._triton_utils.layout_rows_out`).
     Returns:
         ``(indices int32 [B, H, NQ, width], counts int32 [B, H, NQ])``.
     """
@@ -370,10 +383,9 @@ def vertical_slash_layout_triton(
     col_blocks = torch.nn.functional.pad(columns, (0, pad)).reshape(b, h, nk, block_k).any(-1).to(torch.int8)
     csum = torch.nn.functional.pad(slashes.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, block_k - 1 + pad))
     csum = csum.reshape(b, h, nk + 1, block_k).transpose(-1, -2).contiguous()  # [B, H, BK, NK + 1]
-    indices = torch.empty(b, h, nq, width, dtype=torch.int32, device=columns.device)  # every entry is written
-    counts = torch.empty(b, h, nq, dtype=torch.int32, device=columns.device)
+    indices, counts, heads_on, has_mask = layout_rows_out(out, head_mask, b, h, nq, width, columns.device)
     _vertical_slash_layout_kernel[(nq, b * h)](
-        col_blocks, csum, indices, counts, q_len, kv_len, nq, nk, nk + 1, width,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_J=min(LAYOUT_TILE, max(16, next_pow2(nk))),
+        col_blocks, csum, indices, counts, heads_on, q_len, kv_len, nq, nk, nk + 1, width,
+        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_J=min(LAYOUT_TILE, max(16, next_pow2(nk))), HAS_HEAD_MASK=has_mask,
     )  # fmt: skip
     return indices, counts

@@ -5,7 +5,8 @@ import torch
 
 import blocksieve
 from blocksieve.layout import causal_block_mask
-from blocksieve.methods.flexprefill import js_distance
+from blocksieve.methods.flexprefill import js_distance, vertical_slash_sets
+from blocksieve.select.choose import cumulative_mask
 from tests.helpers import qkv
 from tests.methods.test_vertical_slash import brute_block_mask
 
@@ -92,11 +93,18 @@ def topic_qkv(b, hq, hkv, lq, lkv, d, chunk=16, topics=6):
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.25, 10.0], ids=["all-vs", "mixed", "all-qa"])
-def test_flexprefill_triton_rows_equal_torch(tau):
-    """The kernel path writes the rows the PyTorch path builds (ids, counts and width), on inputs without near-ties."""
+def test_flexprefill_triton_rows_equal_torch(monkeypatch, tau):
+    """The kernel path writes the rows the PyTorch path builds (ids, counts and width), on inputs without near-ties.
+
+    Every ``torch.empty`` of the kernel path starts as -7 (int) / NaN (float): each head's rows are
+    written by one of two kernels into one layout, so a head neither wrote would show."""
     q, k = topic_qkv(2, 4, 2, 150, 290, 16)
     cfg = {"block": 16, "gamma": 0.8, "tau": tau}
     want = blocksieve.method("flexprefill", backend="torch", **cfg).select(q, k)
+    use_qa = blocksieve.method("flexprefill", backend="torch", **cfg).query_aware_heads(q, k)[0]
+    assert {"all-vs": not use_qa.any(), "mixed": 0 < use_qa.sum() < use_qa.numel(), "all-qa": use_qa.all()}[{0.0: "all-vs", 0.25: "mixed", 10.0: "all-qa"}[tau]]
+    real = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *s, dtype=None, device=None: real(*s, dtype=dtype, device=device).fill_(-7 if dtype in (torch.int32, torch.int64) else float("nan")))
     got = blocksieve.method("flexprefill", backend="triton", **cfg).select(q.to(DEVICE), k.to(DEVICE))
     got.validate()
     assert 0.05 < want.density() < 0.9
@@ -114,3 +122,11 @@ def test_flexprefill_rejects_bad_config():
         blocksieve.method("flexprefill", gamma=1.5)
     with pytest.raises(ValueError, match="tau"):
         blocksieve.method("flexprefill", tau=-1)
+
+
+def test_vertical_slash_sets_equal_the_sort_rule():
+    """Both branches of ``vertical_slash_sets`` (the search; on CUDA outside a graph at this length, the sort)
+    keep the sort's sets on sums without ties."""
+    col_sums, diag_sums = torch.rand(2, 3, 500, device=DEVICE) ** 3, torch.rand(2, 3, 500, device=DEVICE) ** 3
+    cols, diags = vertical_slash_sets(col_sums, diag_sums, 0.8)
+    assert torch.equal(cols.cpu(), cumulative_mask(col_sums.cpu(), 0.8)) and torch.equal(diags.cpu(), cumulative_mask(diag_sums.cpu(), 0.8))

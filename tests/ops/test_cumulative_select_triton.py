@@ -135,3 +135,20 @@ def test_errors():
         cumulative_select(s.double(), 0.5)
     with pytest.raises(ValueError, match="backend='torch'"):
         cumulative_select_chunked(lambda n0, n1: s, 1, 1, 1, cs.MAX_KEY_BLOCKS + 1, 0.5)
+
+
+def test_head_mask_writes_only_its_heads_into_out(poisoned):
+    scores = torch.randn(2, 3, 5, 40, device=DEVICE)
+    full = cumulative_select(scores, 0.7)
+    on = torch.tensor([[True, False, True], [False, False, True]], device=DEVICE)
+    out = (torch.full((2, 3, 5, 40), SENTINEL, dtype=torch.int32, device=DEVICE), torch.full((2, 3, 5), SENTINEL, dtype=torch.int32, device=DEVICE))
+    got = cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(out[0][on], full[0][on]) and torch.equal(out[1][on], full[1][on])
+    assert (out[0][~on] == SENTINEL).all() and (out[1][~on] == SENTINEL).all()
+    with pytest.raises(ValueError, match="out="):
+        cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on)
+    with pytest.raises(ValueError, match="head_mask must be bool"):
+        cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on[:1], out=out)
+    with pytest.raises(ValueError, match="out must be int32"):
+        cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on, out=(out[0][..., :7], out[1]))

@@ -9,7 +9,14 @@ import pytest
 import blocksieve
 from blocksieve.ops.alloc import poisoned_outputs
 from blocksieve.ops._triton_utils import heads_per_pass
-from blocksieve.ops.last_rows_stats import BLOCK_N, DIAGONAL_PACK_ROWS, PACK_ROWS, kernel_supports, last_rows_sums_triton
+from blocksieve.ops.last_rows_stats import (
+    BLOCK_N,
+    DIAGONAL_PACK_ROWS,
+    PACK_ROWS,
+    kernel_supports,
+    last_rows_sums_triton,
+    vertical_slash_layout_triton,
+)
 from blocksieve.select.choose import vertical_slash_layout
 from blocksieve.select.score import last_rows_column_sums, last_rows_probs, last_rows_sums, slash_sums
 from tests.helpers import qkv
@@ -149,6 +156,17 @@ def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, 
     assert 0.0 < want.density() < 1.0
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
     got.validate()
+
+
+def test_vertical_slash_layout_triton_head_mask_fills_only_its_heads():
+    cols, slashes = torch.rand(2, 3, 200, device=DEVICE) < 0.03, torch.rand(2, 3, 200, device=DEVICE) < 0.03
+    want = vertical_slash_layout(cols, slashes, 16, 16, 200, 200, backend="torch")
+    on = torch.tensor([[False, True, True], [True, False, False]], device=DEVICE)
+    out = (torch.full((2, 3, 13, 13), -7, dtype=torch.int32, device=DEVICE), torch.full((2, 3, 13), -7, dtype=torch.int32, device=DEVICE))
+    ids, counts = vertical_slash_layout_triton(cols, slashes, 16, 16, 200, 200, 13, head_mask=on, out=out)
+    assert ids is out[0] and counts is out[1]
+    assert torch.equal(ids[on], want.indices[on]) and torch.equal(counts[on], want.counts[on])
+    assert (ids[~on] == -7).all() and (counts[~on] == -7).all()
 
 
 @pytest.mark.parametrize("pack_rows", [1, 128, 256])
