@@ -188,8 +188,8 @@ def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: 
                 f"out must be int32 ([{b}, {h}, {nq}, {width}], [{b}, {h}, {nq}]), got {indices.dtype} {tuple(indices.shape)}, "
                 f"{counts.dtype} {tuple(counts.shape)}"
             )
-        if not (indices.is_contiguous() and counts.is_contiguous()) or indices.device != torch.device(device) and not interpreting():
-            raise ValueError("out tensors must be contiguous and on the inputs' device")
+        if not (indices.is_contiguous() and counts.is_contiguous()) or {indices.device, counts.device} != {torch.device(device)}:
+            raise ValueError(f"out tensors must be contiguous and on the inputs' device ({device})")
     if head_mask is None:
         return indices, counts, torch.ones(1, dtype=torch.int8, device=device), False
     if head_mask.shape != (b, h) or head_mask.dtype != torch.bool:

@@ -150,5 +150,7 @@ def test_head_mask_writes_only_its_heads_into_out(poisoned):
         cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on)
     with pytest.raises(ValueError, match="head_mask must be bool"):
         cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on[:1], out=out)
+    with pytest.raises(ValueError, match="contiguous"):
+        cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on, out=(out[0].transpose(0, 1).contiguous().transpose(0, 1), out[1]))
     with pytest.raises(ValueError, match="out must be int32"):
         cumulative_select_chunked(lambda n0, n1: scores[:, :, n0:n1], 2, 3, 5, 40, 0.7, head_mask=on, out=(out[0][..., :7], out[1]))
