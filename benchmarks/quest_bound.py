@@ -8,7 +8,10 @@ For the last ``--rows`` positions of each captured layer (each a decode step aga
 * the bound's slack ``bound - max_{j in page} q·k_j`` split by RoPE channel pair (rotate-half
   layout: channels ``i`` and ``i + D/2`` share frequency ``θ^(-2i/D)``), in fast / middle / slow
   thirds of the frequencies — how much of the looseness the fast-rotating channels cause;
-* Spearman correlation between the bound and the true page mass over the visible pages.
+* Spearman correlation between the bound and the true page mass over the visible pages;
+* with ``--spread-scales``, the recall of pages ranked by ``q · centre + a · Σ |q| · half-range``
+  (``a = 1`` is the bound, ``a = 0`` the page's centre key): whether a less pessimistic estimate
+  from the same min/max ranks better.
 
 Usage::
 
@@ -46,8 +49,11 @@ def spearman(a, b):
     return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp_min(1e-30)
 
 
-def step_stats(q_t, k, t, page, budget):
-    """One decode step at position ``t``: Quest and exact page top-k recall, slack split, Spearman."""
+def step_stats(q_t, k, t, page, budget, scales=()):
+    """One decode step at position ``t``: Quest and exact page top-k recall, slack split, Spearman.
+
+    ``scales``: also the recall of ``q · center + a · Σ |q| · half-range`` per page for each ``a``
+    (``quest_spread_<a>``): 1 is Quest's bound, 0 the page's centre estimate."""
     hq, d = q_t.shape
     g = hq // k.shape[0]
     kk = k[:, : t + 1].repeat_interleave(g, 0)  # [Hq, t+1, D]
@@ -79,10 +85,12 @@ def step_stats(q_t, k, t, page, budget):
     pair = per_ch[..., :half] + per_ch[..., half:]  # [Hq, NP, D/2], pair i has frequency θ^(-2i/D)
     thirds = [pair[..., a:b].sum(-1).mean() for a, b in ((0, half // 3), (half // 3, 2 * half // 3), (2 * half // 3, half))]
     vis = slice(0, npg)
+    center = torch.einsum("hd,hpd->hp", q_t, (hi_q + lo_q) / 2)
+    spread = torch.einsum("hd,hpd->hp", q_t.abs(), (hi_q - lo_q) / 2)
     return dict(
         quest=top(bound), quest_sink=top(bound, {own, 0}), exact=top(pm.log()), slack=float((bound - smax)[:, vis].mean()),
         slack_fast=float(thirds[0]), slack_mid=float(thirds[1]), slack_slow=float(thirds[2]),
-        spearman=float(spearman(bound, pm).mean()),
+        spearman=float(spearman(bound, pm).mean()), **{f"quest_spread_{a:g}": top(center + a * spread) for a in scales},
     )
 
 
@@ -96,19 +104,21 @@ def main():
     ap.add_argument("--pages", default="1,4,8,16,32")
     ap.add_argument("--budgets", default="0.1,2048", help="token budgets: fractions of the length or token counts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--spread-scales", default="", help="also rank pages by centre + a · spread for these a, e.g. 0,0.25,0.5,0.75,1")
     ap.add_argument("--out", type=Path, default=None, help="result file (default benchmarks/results/quest_bound_<model>_<text>_<length>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     data = load_layers(args.model, args.text, args.length, layers)
     budgets = [int(float(b) * args.length) if float(b) < 1 else int(b) for b in args.budgets.split(",")]
+    scales = [float(a) for a in args.spread_scales.split(",") if a]
     res, t0 = [], time.time()
     for li in layers:
         q, k, _ = data[li]
         lq = q.shape[2]
         for page in (int(x) for x in args.pages.split(",")):
             for budget in budgets:
-                rows = [step_stats(q[0, :, t], k[0], t, page, budget) for t in range(lq - args.rows, lq)]
+                rows = [step_stats(q[0, :, t], k[0], t, page, budget, scales) for t in range(lq - args.rows, lq)]
                 row = {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
                 res.append(dict(layer=li, page=page, budget=budget, **row))
                 print(f"[{time.time() - t0:5.0f}s] layer {li} page {page:3d} budget {budget:5d}: "
