@@ -85,8 +85,9 @@ def step_stats(q_t, k, t, page, budget, scales=()):
     pair = per_ch[..., :half] + per_ch[..., half:]  # [Hq, NP, D/2], pair i has frequency θ^(-2i/D)
     thirds = [pair[..., a:b].sum(-1).mean() for a, b in ((0, half // 3), (half // 3, 2 * half // 3), (2 * half // 3, half))]
     vis = slice(0, npg)
-    center = torch.einsum("hd,hpd->hp", q_t, (hi_q + lo_q) / 2)
-    spread = torch.einsum("hd,hpd->hp", q_t.abs(), (hi_q - lo_q) / 2)
+    if scales:
+        center = torch.einsum("hd,hpd->hp", q_t, (hi_q + lo_q) / 2)
+        spread = torch.einsum("hd,hpd->hp", q_t.abs(), (hi_q - lo_q) / 2)
     return dict(
         quest=top(bound), quest_sink=top(bound, {own, 0}), exact=top(pm.log()), slack=float((bound - smax)[:, vis].mean()),
         slack_fast=float(thirds[0]), slack_mid=float(thirds[1]), slack_slow=float(thirds[2]),

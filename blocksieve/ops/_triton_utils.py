@@ -174,7 +174,8 @@ def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: 
     ``out`` is ``(indices int32 [B, H, NQ, width], counts int32 [B, H, NQ])`` to write into (new
     ones when ``None``); ``head_mask`` bool ``[B, H]`` names the heads whose rows the kernel writes
     (every head when ``None``), so that two kernels can fill one layout's heads between them. The
-    flags are int8 ``[B · H]`` (a dummy when there is no mask).
+    flags are int8 ``[B · H]``; without a mask ``counts`` stands in for them (the kernels do not read
+    the flags then), so the common call allocates nothing extra.
     """
     if out is None:
         if head_mask is not None:
@@ -191,7 +192,7 @@ def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: 
         if not (indices.is_contiguous() and counts.is_contiguous()) or {indices.device, counts.device} != {torch.device(device)}:
             raise ValueError(f"out tensors must be contiguous and on the inputs' device ({device})")
     if head_mask is None:
-        return indices, counts, torch.ones(1, dtype=torch.int8, device=device), False
+        return indices, counts, counts, False
     if head_mask.shape != (b, h) or head_mask.dtype != torch.bool:
         raise ValueError(f"head_mask must be bool [B={b}, H={h}], got {head_mask.dtype} {tuple(head_mask.shape)}")
     return indices, counts, head_mask.to(device=device, dtype=torch.int8).contiguous().view(-1), True
