@@ -16,6 +16,8 @@
   keys-major tile, ``K · Qᵀ``, for the diagonal callers: slower for every tile, removed);
 * ``launch`` rows — the same calls at each caller's default tiles with 4, 8 or 16 warps and 1 to 4
   pipeline stages (:data:`LAUNCHES`), and the GPU kernels of the default launch (``by_name``);
+* ``cumsel`` rows — FlexPrefill's query-aware rows (block 128, every head) from a CUDA graph with
+  256-2048 row entries per warp of the cumulative-mass kernel (:func:`cumsel_rows`);
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
@@ -117,6 +119,36 @@ def launch_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+CUMSEL_ENTRIES_PER_WARP = (256, 512, 1024, 2048)
+"""Row entries per warp of the cumulative-mass row kernel tried in ``cumsel`` rows."""
+
+
+def cumsel_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time from a CUDA graph of FlexPrefill's query-aware rows (:func:`blocksieve.ops.cumulative_select.cumulative_select_chunked`
+    over its block scores, every head) per :data:`blocksieve.ops.cumulative_select.ENTRIES_PER_WARP` of
+    :data:`CUMSEL_ENTRIES_PER_WARP`, twice each, alternating; ``same_rows`` against the default's."""
+    from unittest import mock
+
+    from benchmarks.bench_selection import graph_timed
+    from blocksieve.methods.flexprefill import query_aware_scores
+    from blocksieve.ops import cumulative_select as cs
+
+    block, (b, hq, n, d) = 128, q.shape
+    nb = -(-n // block)
+    scores = query_aware_scores(block_mean(q, block), block_mean(k, block), block, 0, d**-0.5)
+    limit = cs.causal_limit(block, block, n, n, q.device)
+    fn = lambda: cs.cumulative_select_chunked(scores, b, hq, nb, nb, 0.9, limit=limit)  # noqa: E731
+    ref = fn()
+    rows = []
+    for rep in range(2):
+        for per_warp in CUMSEL_ENTRIES_PER_WARP:
+            with mock.patch.object(cs, "ENTRIES_PER_WARP", per_warp):
+                same = all(torch.equal(a, b_) for a, b_ in zip(fn(), ref))
+                rows.append({"kind": "cumsel", "L": n, "key_blocks": nb, "entries_per_warp": per_warp, "rep": rep, "graph_ms": graph_timed(fn), "same_rows": same})
+            log(rows[-1])
+    return rows
+
+
 def grouped(timeline: list) -> dict:
     """Kernel time and count per kernel name, largest first."""
     acc = defaultdict(lambda: [0.0, 0])
@@ -149,6 +181,7 @@ def main(argv=None):
         res["rows"] += s2o_sort_rows(q, k) if "sort" in parts else []
         res["rows"] += sums_rows(q, k) if "sums" in parts else []
         res["rows"] += launch_rows(q, k) if "launch" in parts else []
+        res["rows"] += cumsel_rows(q, k) if "cumsel" in parts else []
         for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)

@@ -39,6 +39,12 @@ from blocksieve.ops._triton_utils import interpreting, layout_rows_out, next_pow
 
 MAX_KEY_BLOCKS = 8192
 """Longest row (``NK``) the kernel holds in registers; longer rows take the PyTorch path."""
+ENTRIES_PER_WARP = 1024
+"""Row entries per warp of :func:`_cumulative_select_kernel` (1 to 8 warps): each of the 31 bisection passes
+sums the row across them. H100, session 21 (``cumsel_h100_s21.json``, CUDA graphs, random scores shaped as
+FlexPrefill's at 128K: 32 heads × 1024 rows of 1024 blocks): 0.269-0.270 ms with one warp against 0.309-0.311 with two
+(512) and 0.407-0.408 with four (256). Rows of 256 blocks run one warp either way; longer rows than
+1024 blocks were not timed."""
 CHUNK_ELEMENTS = 1 << 26
 """Score entries per chunk of query blocks in :func:`cumulative_select_chunked` (256 MiB of fp32)."""
 
@@ -174,7 +180,7 @@ def cumulative_select_chunked(
         _cumulative_select_kernel[(n1 - n0, batch * heads)](
             s, limit, forced, indices, counts, heads_on, s.stride(0), s.stride(1), s.stride(2), *f_strides,
             n0, heads, num_q_blocks, width, n_forced, float(tau),
-            SOFTMAX=softmax, BLOCK_N=block_n, HAS_HEAD_MASK=has_mask, num_warps=max(1, min(8, block_n // 512)),
+            SOFTMAX=softmax, BLOCK_N=block_n, HAS_HEAD_MASK=has_mask, num_warps=max(1, min(8, block_n // ENTRIES_PER_WARP)),
         )  # fmt: skip
     return indices, counts
 

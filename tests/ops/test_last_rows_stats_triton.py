@@ -15,6 +15,7 @@ from blocksieve.ops.last_rows_stats import (
     PACK_ROWS,
     kernel_supports,
     last_rows_sums_triton,
+    slash_prefix_sums,
     vertical_slash_layout_triton,
 )
 from blocksieve.select.choose import vertical_slash_layout
@@ -156,6 +157,17 @@ def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, 
     assert 0.0 < want.density() < 1.0
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
     got.validate()
+
+
+@pytest.mark.parametrize("lkv,block_k", [(300, 64), (256, 16), (5, 8)])
+def test_slash_prefix_sums_equal_one_cumsum(lkv, block_k):
+    slashes = torch.rand(2, 3, lkv, device=DEVICE) < 0.3
+    got = slash_prefix_sums(slashes, block_k)
+    nk = -(-lkv // block_k)
+    want = torch.nn.functional.pad(slashes.long().cumsum(-1), (0, nk * block_k - lkv))
+    want[..., lkv:] = want[..., lkv - 1 : lkv]  # padded offsets hold the row's total
+    assert got.dtype == torch.int32 and got.shape == (2, 3, nk * block_k)
+    assert torch.equal(got.long(), want)
 
 
 def test_vertical_slash_layout_triton_head_mask_fills_only_its_heads():
