@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 from typing import Optional
 
@@ -36,6 +38,32 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         )
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim D={q.shape[-1]} is not supported by the Triton kernels: use D in {SUPPORTED_HEAD_DIMS}")
+
+
+def device_guard(device: torch.device):
+    """A context making ``device`` the current CUDA device, or a no-op when it already is (or is not CUDA).
+
+    Triton launches on the *current* device, not on its arguments': inputs on ``cuda:1`` while
+    ``cuda:0`` is current (a model spread over GPUs with ``device_map``) would be read by a kernel on
+    the wrong GPU, which fails or returns garbage.
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(fn):
+    """Decorator: runs a launcher under :func:`device_guard` of its first tensor argument's device."""
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        t = next((a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if t is None or not t.is_cuda:
+            return fn(*args, **kwargs)
+        with device_guard(t.device):
+            return fn(*args, **kwargs)
+
+    return launch
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, last_dim_contiguous, mma_operand, next_pow2, upcast_dots
+from blocksieve.ops._triton_utils import interpreting, last_dim_contiguous, mma_operand, next_pow2, on_input_device, upcast_dots
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["antidiagonal_mass", "kernel_supports"]
@@ -220,6 +220,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, block: int, stride: int) -> None:
         raise ValueError(f"q is on {q.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use backend='torch'")
 
 
+@on_input_device
 def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, scale: float) -> torch.Tensor:
     """XAttention's normalised block mass of every query block (module docstring).
 

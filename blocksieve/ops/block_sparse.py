@@ -34,6 +34,7 @@ from blocksieve.ops._triton_utils import (
     last_dim_contiguous,
     mma_operand,
     next_pow2,
+    on_input_device,
     row_view,
     tma_available,
     upcast_dots,
@@ -273,6 +274,7 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, copy: bool) 
     return k, v, TensorDescriptor.from_tensor(k_rows, [block_n, k.shape[-1]]), TensorDescriptor.from_tensor(v_rows, [block_n, v.shape[-1]])
 
 
+@on_input_device
 def _block_sparse_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
     block_q: int, block_k: int, causal: bool, scale: float, tma: Optional[bool] = None, m_target: int = 0,

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from blocksieve.layout import causal_last_key
-from blocksieve.ops._triton_utils import interpreting, layout_rows_out, next_pow2
+from blocksieve.ops._triton_utils import device_guard, interpreting, layout_rows_out, next_pow2
 
 MAX_KEY_BLOCKS = 8192
 """Longest row (``NK``) the kernel holds in registers; longer rows take the PyTorch path."""
@@ -169,19 +169,20 @@ def cumulative_select_chunked(
     forced, f_strides, n_forced = _forced_view(forced, batch, heads, num_q_blocks, device)
     indices, counts, heads_on, has_mask = layout_rows_out(out, head_mask, batch, heads, num_q_blocks, width, device)
     block_n = max(16, next_pow2(num_k_blocks))
-    for n0 in range(0, num_q_blocks, step):
-        n1 = min(num_q_blocks, n0 + step)
-        s = s if n0 == 0 else score_fn(n0, n1)
-        if s.shape != (batch, heads, n1 - n0, num_k_blocks) or s.dtype != torch.float32:
-            raise ValueError(
-                f"score_fn({n0}, {n1}) must give fp32 [{batch}, {heads}, {n1 - n0}, {num_k_blocks}], got {s.dtype} {tuple(s.shape)}"
-            )
-        s = s if s.stride(-1) == 1 else s.contiguous()
-        _cumulative_select_kernel[(n1 - n0, batch * heads)](
-            s, limit, forced, indices, counts, heads_on, s.stride(0), s.stride(1), s.stride(2), *f_strides,
-            n0, heads, num_q_blocks, width, n_forced, float(tau),
-            SOFTMAX=softmax, BLOCK_N=block_n, HAS_HEAD_MASK=has_mask, num_warps=max(1, min(8, block_n // ENTRIES_PER_WARP)),
-        )  # fmt: skip
+    with device_guard(device):  # the scores' device, not the current one (score_fn's tensors may live elsewhere)
+        for n0 in range(0, num_q_blocks, step):
+            n1 = min(num_q_blocks, n0 + step)
+            s = s if n0 == 0 else score_fn(n0, n1)
+            if s.shape != (batch, heads, n1 - n0, num_k_blocks) or s.dtype != torch.float32:
+                raise ValueError(
+                    f"score_fn({n0}, {n1}) must give fp32 [{batch}, {heads}, {n1 - n0}, {num_k_blocks}], got {s.dtype} {tuple(s.shape)}"
+                )
+            s = s if s.stride(-1) == 1 else s.contiguous()
+            _cumulative_select_kernel[(n1 - n0, batch * heads)](
+                s, limit, forced, indices, counts, heads_on, s.stride(0), s.stride(1), s.stride(2), *f_strides,
+                n0, heads, num_q_blocks, width, n_forced, float(tau),
+                SOFTMAX=softmax, BLOCK_N=block_n, HAS_HEAD_MASK=has_mask, num_warps=max(1, min(8, block_n // ENTRIES_PER_WARP)),
+            )  # fmt: skip
     return indices, counts
 
 

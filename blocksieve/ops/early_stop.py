@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from blocksieve.layout import query_positions
-from blocksieve.ops._triton_utils import interpreting, last_dim_contiguous
+from blocksieve.ops._triton_utils import interpreting, last_dim_contiguous, on_input_device
 from blocksieve.ops.alloc import empty_output
 from blocksieve.ops.checks import resolve_scale
 
@@ -179,6 +179,7 @@ def _early_stop_kernel(
         tl.store(p_o, out.to(O.dtype.element_ty), mask=m_row[:, None])
 
 
+@on_input_device
 def early_stop_triton(
     q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], order: torch.Tensor, forced: torch.Tensor,
     tau: float, block_q: int, block_k: int, scale: Optional[float] = None, causal: bool = True,

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, set_rows, sm_count, tma_available
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device, set_rows, sm_count, tma_available
 from blocksieve.ops.whole_row_topk import SCRATCH_MIN, WHOLE_ROW_MAX, _kth_largest, _score_bits, _score_tile, whole_row_topk
 
 __all__ = ["indexer_topk", "merge_splits"]
@@ -305,6 +305,7 @@ def _indexer_topk_rows_kernel(
                 _finish_row(p_bufp + r * CAP, c_r, p_o, TOPK, KP, False, False, SUB, CAP)
 
 
+@on_input_device
 def indexer_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -469,6 +470,7 @@ def merge_splits(packed: torch.Tensor, kk: int, topk: int, ascending: bool) -> t
     return _merge_launch(packed, n, next_pow2(n), kk, topk, True, not ascending)
 
 
+@on_input_device
 def _merge_launch(packed: torch.Tensor, n: int, part: int, kk: int, topk: int, as_ids: bool, sort: bool) -> torch.Tensor:
     """``_merge_kernel`` over rows of ``n`` entries cut into parts of ``part``: ``[..., parts · topk]``.
 
@@ -568,6 +570,7 @@ def _buffer_shape(topk: int, block_n: int) -> tuple:
     return chunk, cap, topk + (cap - chunk * block_n - topk) // 4
 
 
+@on_input_device
 def _rows_launch(q, k, desc_k, w, topk, relu, causal, t0, nrows, kv_tokens, pos_mult, force_ends, block_n, bq, num_warps, num_stages, out):
     """:func:`indexer_topk`'s flat scan with ``bq`` rows per program (arguments already checked)."""
     chunk, cap, keep = _buffer_shape(topk, block_n)

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import heads_per_pass, interpreting, layout_rows_out, mma_operand, next_pow2, sm_count, upcast_dots
+from blocksieve.ops._triton_utils import heads_per_pass, interpreting, layout_rows_out, mma_operand, next_pow2, on_input_device, sm_count, upcast_dots
 from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
@@ -233,6 +233,7 @@ def default_launch(diagonals: bool, rows: int, tile_rows: int) -> tuple:
     return (4, 2) if rows <= 64 else (8, 3)
 
 
+@on_input_device
 def last_rows_sums_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,6 +361,7 @@ def slash_prefix_sums(slashes: torch.Tensor, block_k: int) -> torch.Tensor:
     return (within + before[..., None]).reshape(b, h, nk * block_k)
 
 
+@on_input_device
 def vertical_slash_layout_triton(
     columns: torch.Tensor,
     slashes: torch.Tensor,

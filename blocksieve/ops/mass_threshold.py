@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, sm_count
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device, sm_count
 from blocksieve.ops.alloc import empty_output
 
 DIGIT_BITS = 2
@@ -148,6 +148,7 @@ def chunks_for(rows: int, n: int, programs: int) -> tuple:
     return chunk, -(-n // chunk)
 
 
+@on_input_device
 def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = None) -> torch.Tensor:
     """Bool mask ``[..., N]``: per row the largest entries of ``mass`` reaching ``tau`` of the row's total,
     and any tied with the last of them (module docstring). Rows of zero mass keep nothing.

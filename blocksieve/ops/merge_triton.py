@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import next_pow2
+from blocksieve.ops._triton_utils import next_pow2, on_input_device
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["merge_triton"]
@@ -41,6 +41,7 @@ def _merge_kernel(O1, L1, O2, L2, O, L, n_rows, D: tl.constexpr, D_POW2: tl.cons
     tl.store(L + o_r, tl.where(b_s == 0.0, float("-inf"), b_m + tl.log(tl.where(b_s == 0.0, 1.0, b_s))), mask=m_r)
 
 
+@on_input_device
 def merge_triton(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> tuple:
     """:func:`blocksieve.ops.merge.merge` in one pass (shapes checked there).
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, sm_count
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device, sm_count
 
 __all__ = ["route_heads_triton", "supports"]
 
@@ -233,6 +233,7 @@ def _check(q: torch.Tensor, w: torch.Tensor, pooled: torch.Tensor, h: int, block
         raise ValueError(f"q has Lq={lq} rows but kv_len={kv_len}: causal queries are right-aligned, so Lq <= kv_len is needed")
 
 
+@on_input_device
 def route_heads_triton(
     q: torch.Tensor,
     w: torch.Tensor,

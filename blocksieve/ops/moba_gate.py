@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from blocksieve.layout import BlockLayout
-from blocksieve.ops._triton_utils import interpreting, next_pow2
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device
 from blocksieve.select.pool import block_mean
 
 __all__ = ["moba_layout"]
@@ -175,6 +175,7 @@ def _check_device(t: torch.Tensor, name: str) -> None:
         )
 
 
+@on_input_device
 def moba_layout(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device
 from blocksieve.select.token_topk import pooled_dim
 
 __all__ = ["pool_blocks_into"]
@@ -70,6 +70,7 @@ def _pool_blocks_kernel(
         tl.store(p_o + D, low.to(p_out.dtype.element_ty), mask=m_d)
 
 
+@on_input_device
 def pool_blocks_into(k: torch.Tensor, out: torch.Tensor, first: int, block: int, mode: str) -> None:
     """Write the pooled blocks ``first, …, ceil(L / block) - 1`` of ``k`` into ``out`` (in place).
 

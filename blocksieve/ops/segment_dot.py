@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid, segment_rows
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, on_input_device, segment_grid, segment_rows
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -100,6 +100,7 @@ def kernel_supports(d: int) -> bool:
     return _head_dim_ok(d) and d <= AUTO_MAX_HEAD_DIM
 
 
+@on_input_device
 def segment_block_dot_triton(
     qs: torch.Tensor,
     kb: torch.Tensor,

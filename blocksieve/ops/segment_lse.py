@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, segment_grid, segment_rows
+from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, on_input_device, segment_grid, segment_rows
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_lse_triton"]
@@ -113,6 +113,7 @@ def kernel_supports(k: torch.Tensor, block_k: int) -> bool:
     return mma_sizes_ok(d, block_k) and k.dtype in SUPPORTED_DTYPES and d <= AUTO_MAX_HEAD_DIM
 
 
+@on_input_device
 def segment_block_lse_triton(
     qs: torch.Tensor,
     k: torch.Tensor,

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from blocksieve.methods.s2o import RANK_DROP_BITS
-from blocksieve.ops._triton_utils import interpreting, next_pow2
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device
 
 __all__ = ["MAX_BLOCKS", "segment_order_triton"]
 
@@ -90,6 +90,7 @@ def _segment_order_kernel(
         tl.store(FORCED + meta, forced)
 
 
+@on_input_device
 def segment_order_triton(
     scores: torch.Tensor, segment: int, block_q: int, block_k: int, q_len: int, kv_len: int, sink_blocks: int,
     out: tuple | None = None, num_warps: int | None = None,

@@ -24,6 +24,7 @@ from blocksieve.ops._triton_utils import (
     last_dim_contiguous,
     mma_operand,
     next_pow2,
+    on_input_device,
     sm_count,
     upcast_dots,
 )
@@ -133,6 +134,7 @@ def _num_splits(rows: int, n_sel: int, block_n: int, sms: int) -> tuple:
     return triton.cdiv(n_sel, split_len), split_len
 
 
+@on_input_device
 def _token_sparse_fwd_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, causal: bool, scale: float
 ) -> tuple:

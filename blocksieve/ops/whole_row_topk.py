@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, sm_count
+from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device, sm_count
 
 __all__ = ["WHOLE_ROW_MAX", "whole_row_topk"]
 
@@ -263,6 +263,7 @@ def _split_select_kernel(
     _select_row(p_scr + i_r * NP, N_SLOTS, p_tiles + i_r * NUM_TILES, p_o, TOPK, KP, NP, SUB, BLOCK_N, HAS_TILES, SORT)
 
 
+@on_input_device
 def whole_row_topk(
     q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, desc_k, out: torch.Tensor, topk: int, *,
     relu: bool, causal: bool, t0: int, kv_tokens: int, tiles, tiles_ascending: bool, pos_mult: int, force_ends: bool,
