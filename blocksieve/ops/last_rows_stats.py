@@ -351,7 +351,9 @@ def slash_prefix_sums(slashes: torch.Tensor, block_k: int) -> torch.Tensor:
 
     Two levels (within each block of ``block_k`` offsets, then over the blocks' totals): one
     ``cumsum`` over rows of ``Lkv`` entries, the shape of ``B · H`` long rows, is a slow scan on CUDA
-    (0.19 ms at 128K keys and 32 heads on an H100, session 20's FlexPrefill profile).
+    (0.19 ms at 128K keys and 32 heads on an H100, session 20's FlexPrefill profile). The two levels
+    were not timed alone: with two other changes FlexPrefill's selection went from 4.15-4.20 to
+    3.93-3.98 ms at 128K (session 21, ``ab_trees_h100_s21_call1.json``).
     """
     b, h, lkv = slashes.shape
     nk = -(-lkv // block_k)
