@@ -17,9 +17,10 @@ The cases (each the default against the alternatives named):
 * ``mass_threshold`` — ``flexprefill``'s column and diagonal sets by
   :func:`blocksieve.ops.mass_threshold.cumulative_mask_triton` (2-bit digits, about 4 programs per
   multiprocessor) against the sort (:func:`blocksieve.select.choose.cumulative_mask`), 4-bit digits,
-  2 or 8 programs per multiprocessor, and the whole kernel path before session 20
-  (:func:`flexprefill_rows_before_s20`: sorts, fp32 query-aware scores, both patterns' rows for every
-  head and a ``torch.where``; session 20 writes each head's rows with its own pattern's kernel).
+  2 or 8 programs per multiprocessor. Session 20's file also has ``before_s20``, the whole kernel path
+  before that session (sorts, fp32 query-aware scores, both patterns' rows for every head and a
+  ``torch.where``), then a copy of that code kept here; :mod:`benchmarks.ab_trees` with
+  ``--baseline`` a checkout of commit ba7c184 times the same path without the copy.
 * ``query_aware_scores`` — ``flexprefill``'s block scores of every query block on tensor cores in
   ``tf32x3`` (:func:`blocksieve.methods.flexprefill.query_aware_scores`) against ``torch.matmul`` in fp32.
 
@@ -55,9 +56,7 @@ from benchmarks.common import device_tag, environment, sweep_args, write_result
 from blocksieve.layout import BlockLayout
 from blocksieve.methods import flexprefill, pbs
 from blocksieve.ops import last_rows_stats, mass_threshold
-from blocksieve.select.choose import cumulative_mask, vertical_slash_layout
-from blocksieve.select.force import diagonal_blocks
-from blocksieve.select.pool import block_mean
+from blocksieve.select.choose import cumulative_mask
 from blocksieve.select.reorder import permute_by_row_copy
 from blocksieve.select.score import grouped_dot
 
@@ -71,30 +70,6 @@ def fingerprint(result) -> list:
     """The tensors a selection returned (a layout's ids; each part of a plan's tuple), to compare variants."""
     parts = (result,) if isinstance(result, BlockLayout) else result
     return [p if isinstance(p, torch.Tensor) else p.indices for p in parts]
-
-
-def flexprefill_rows_before_s20(self, q, k):
-    """FlexPrefill's kernel path before session 20: sorted column/diagonal sets, fp32 query-aware scores,
-    both patterns' rows for every head, then a ``torch.where`` per head."""
-    from blocksieve.ops.cumulative_select import causal_limit, cumulative_select_chunked
-
-    c = self.config
-    b, hq, lq, d = q.shape
-    lkv = k.shape[2]
-    nq, nk = -(-lq // c.block), -(-lkv // c.block)
-    qp, kp = block_mean(q, c.block), block_mean(k, c.block)
-    use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
-    cols, slashes = cumulative_mask(col_sums, c.gamma), cumulative_mask(diag_sums, c.gamma)
-    forced = torch.cat([torch.zeros(nq, 1, dtype=torch.long, device=q.device), diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]
-    qa_ids, qa_counts = cumulative_select_chunked(
-        fp32_scores(qp, kp, c.block, lkv - lq, d**-0.5), b, hq, nq, nk, c.gamma, limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced
-    )
-    cols[..., 0] = True
-    slashes[..., 0] = True
-    vs = vertical_slash_layout(cols, slashes, c.block, c.block, lq, lkv, backend="triton")
-    pick = use_qa[:, :, None]
-    ids = torch.where(pick[..., None], qa_ids, vs.indices)
-    return BlockLayout(ids, torch.where(pick, qa_counts, vs.counts), c.block, c.block, lq, lkv, True)
 
 
 def fp32_scores(qp, kp, block, offset, scale):
@@ -126,7 +101,6 @@ CASES = {
         "4_bit_digits": patched((mass_threshold, "DIGIT_BITS", 4), (mass_threshold, "PASSES", 8)),
         "2_programs_per_sm": patched((mass_threshold, "PROGRAMS_PER_SM", 2)),
         "8_programs_per_sm": patched((mass_threshold, "PROGRAMS_PER_SM", 8)),
-        "before_s20": patched((flexprefill.FlexPrefill, "_select_rows", flexprefill_rows_before_s20)),
     },
     ("flexprefill", "query_aware_scores"): {"fp32_matmul": patched((flexprefill, "query_aware_scores", fp32_scores))},
 }
