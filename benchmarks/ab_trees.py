@@ -8,7 +8,9 @@ process per tree (baseline first), each child importing ``blocksieve`` and
 (``plan`` or ``select``, bench_selection's inputs and defaults) from a CUDA graph and eagerly, and
 the random 10 %-density layout's attention (the bar: selection at most 0.1 of it). ``layout_digest``
 is a hash of the layout ids a selection returned, so that rows of the two trees with equal digests
-chose the same blocks. Writes ``$OUT/ab_trees_<gpu>.json``::
+chose the same blocks. Compare the graph times: the eager ones are host-bound and were not
+comparable between the trees in session 22 (the tree run second in each round was slower eagerly in
+both A/Bs of one call, whichever it was). Writes ``$OUT/ab_trees_<gpu>.json``::
 
     python benchmarks/ab_trees.py --baseline DIR --baseline-rev REV --methods flexprefill,vertical_slash \\
         [--lengths 32768,131072] [--rounds 2] --out $OUT

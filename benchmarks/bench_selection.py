@@ -62,14 +62,20 @@ METHODS = {
     "xattention": ("xattention", {}),
     "vertical_slash": ("vertical_slash", {}),
     "flexprefill": ("flexprefill", {}),
+    "flexprefill_vs": ("flexprefill", dict(tau=0.0)),
+    "flexprefill_qa": ("flexprefill", dict(tau=1.0)),
     "pbs": ("pbs", {}),
     "s2o": ("s2o", {}),
     "s2o_lse": ("s2o", dict(rank="lse")),
     "s2o_sample16": ("s2o", dict(rank="sample", rank_rows=16)),
 }
-SLOW = ("s2o_sample16",)
+ON_REQUEST = ("s2o_sample16", "flexprefill_vs", "flexprefill_qa")
 """S2O's ``sample`` ranking (PyTorch): 9 s per selection at 128K on an H100, so only on request.
-``s2o_lse`` runs through :mod:`blocksieve.ops.segment_lse` on CUDA."""
+``s2o_lse`` runs through :mod:`blocksieve.ops.segment_lse` on CUDA. ``flexprefill_vs`` / ``flexprefill_qa``
+(``tau=0`` / ``tau=1``) send every head to one of FlexPrefill's two patterns: on the synthetic inputs the
+JS test sends every head to the query-aware one, on real models at 8K (nearly) every head to
+vertical-slash (``docs/dev/blocks_notes.md``, session 20), so the two bound its time either way;
+only on request."""
 
 
 def timed(fn, reps=10):
@@ -228,7 +234,7 @@ def tokenselect_entry(q, k, v, dense_ms):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="32768,131072")
-    ap.add_argument("--methods", default=",".join(n for n in METHODS if n not in SLOW))
+    ap.add_argument("--methods", default=",".join(n for n in METHODS if n not in ON_REQUEST))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel

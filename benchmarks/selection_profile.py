@@ -18,6 +18,8 @@
   pipeline stages (:data:`LAUNCHES`), and the GPU kernels of the default launch (``by_name``);
 * ``cumsel`` rows — FlexPrefill's query-aware rows (block 128, every head) from a CUDA graph with
   256-2048 row entries per warp of the cumulative-mass kernel (:func:`cumsel_rows`);
+* ``flexparts`` rows — FlexPrefill's pieces that run for some heads only (:func:`flexparts_rows`): the
+  queries' block means, the first pass with its tile masses, the second pass under a head mask;
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
@@ -149,6 +151,47 @@ def cumsel_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+BLOCK_MEAN_LAUNCHES = ((128, 8), (128, 4), (64, 8), (64, 4))
+"""(rows per load, warps) of :func:`blocksieve.ops.head_block_mean.block_mean_triton` tried in ``flexparts`` rows."""
+
+
+def flexparts_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time from a CUDA graph of FlexPrefill's per-head pieces at block 128, twice each, alternating:
+    the queries' block means (PyTorch's, and the head-masked kernel's with every head on per launch of
+    :data:`BLOCK_MEAN_LAUNCHES` and with every head off), the first pass with and without the tile masses,
+    and the second pass (diagonals too) without a head mask, with every head on and with every head off;
+    ``max_abs_diff`` against PyTorch's means / the unmasked sums."""
+    from benchmarks.bench_selection import graph_timed
+    from blocksieve.ops.head_block_mean import block_mean_triton
+    from blocksieve.ops.last_rows_stats import last_rows_stats_triton, last_rows_sums_triton
+
+    block, (b, hq, n, d) = 128, q.shape
+    scale = d**-0.5
+    on, off = torch.ones(b, hq, dtype=torch.bool, device=q.device), torch.zeros(b, hq, dtype=torch.bool, device=q.device)
+    means = block_mean(q, block)
+    bias = last_rows_stats_triton(q, k, block, scale)[0]
+    sums = last_rows_sums_triton(q, k, block, scale, bias=bias)
+    variants = [("block_mean torch", lambda: block_mean(q, block), lambda r: (r - means).abs().max().item())]
+    for bl, w in BLOCK_MEAN_LAUNCHES:
+        variants.append((f"block_mean_triton all on, {bl} rows, {w} warps", lambda bl=bl, w=w: block_mean_triton(q, block, on, bl, w), lambda r: (r - means).abs().max().item()))
+    variants += [
+        ("block_mean_triton all off", lambda: block_mean_triton(q, block, off), None),
+        ("stats pass", lambda: last_rows_stats_triton(q, k, block, scale), None),
+        ("stats pass with tile masses", lambda: last_rows_stats_triton(q, k, block, scale, mass_tile=64), None),
+        ("sums pass, no head mask", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias), lambda r: largest_difference(r, sums)),
+        ("sums pass, every head on", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias, head_mask=on), lambda r: largest_difference(r, sums)),
+        ("sums pass, every head off", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias, head_mask=off), None),
+    ]
+    rows = []
+    for rep in range(2):
+        for label, fn, diff in variants:
+            rows.append({"kind": "flexparts", "L": n, "variant": label, "rep": rep, "graph_ms": graph_timed(fn)})
+            if diff is not None:
+                rows[-1]["max_abs_diff"] = diff(fn())
+            log(rows[-1])
+    return rows
+
+
 def grouped(timeline: list) -> dict:
     """Kernel time and count per kernel name, largest first."""
     acc = defaultdict(lambda: [0.0, 0])
@@ -182,6 +225,7 @@ def main(argv=None):
         res["rows"] += sums_rows(q, k) if "sums" in parts else []
         res["rows"] += launch_rows(q, k) if "launch" in parts else []
         res["rows"] += cumsel_rows(q, k) if "cumsel" in parts else []
+        res["rows"] += flexparts_rows(q, k) if "flexparts" in parts else []
         for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)

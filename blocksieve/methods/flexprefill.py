@@ -13,20 +13,30 @@ block and the diagonal block(s). Per query head (``H = Hq``).
 Defaults: ``block=128, gamma=0.9, tau=0.1`` (the paper's; gamma 0.9–0.95 in its experiments).
 
 ``backend``: ``"auto"`` (default) runs the Triton kernels on CUDA (rows of up to 8192 key blocks)
-and PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one. The kernels: ``Q̂``'s column and diagonal sums (:mod:`blocksieve.ops.last_rows_stats`;
-``ā`` is the column sums / R pooled per block), the query-aware rows with the first and diagonal
-blocks (:mod:`blocksieve.ops.cumulative_select`, no sort, rows written directly) and the
-vertical-slash rows, the first block as column 0 and the diagonal blocks as diagonal 0
-(:func:`~blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`) from the column and diagonal
-sets (:func:`vertical_slash_sets`: a threshold search by many programs per row instead of a sort,
-except in eager calls on rows under 64K keys); each head's rows are written by its pattern's kernel alone
-(``head_mask``), into one layout. The kernels keep
-every block, column or diagonal tied with the last one kept, where the sort of the PyTorch path
-keeps only some (exact ties of fp32 sums, in practice never).
+and PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one. The kernel path does each pattern's
+work for its own heads only, decided on the GPU (no host synchronisation, so CUDA graphs capture it):
+
+1. ``ā`` from the first pass over the keys of :mod:`blocksieve.ops.last_rows_stats`, which gives the
+   last rows' normalisers and their mass per key tile (pooled per block), and the JS test;
+2. for the vertical-slash heads: the second pass (``Q̂``'s column and diagonal sums, the costly
+   one), the column and diagonal sets (:func:`vertical_slash_sets`: a threshold search by many
+   programs per row instead of a sort, except in eager calls on rows under 64K keys) and their rows,
+   the first block as column 0 and the diagonal blocks as diagonal 0
+   (:func:`~blocksieve.ops.last_rows_stats.vertical_slash_layout_triton`);
+3. for the query-aware heads: the block means of their queries
+   (:func:`~blocksieve.ops.head_block_mean.block_mean_triton`), the pooled scores and the rows with
+   the first and diagonal blocks (:mod:`blocksieve.ops.cumulative_select`, no sort, rows written directly).
+
+Kernels given a head mask skip the other heads' work, and each head's rows are written by its
+pattern's kernel alone, into one layout. Blocks that are not a multiple of 16 keys take the second
+pass for every head (no key tile divides them). The kernels keep every block, column or diagonal
+tied with the last one kept, where the sort of the PyTorch path keeps only some (exact ties of fp32
+sums, in practice never).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,32 +78,38 @@ selection took 4.28 ms at 32K with the search (1.18 ms from a CUDA graph) agains
 sort before that session, and 4.39 ms at 128K against 5.87. Between the two lengths it was not measured."""
 
 
-def vertical_slash_sets(col_sums: torch.Tensor, diag_sums: torch.Tensor, gamma: float) -> tuple:
+def vertical_slash_sets(col_sums: torch.Tensor, diag_sums: torch.Tensor, gamma: float, heads_on: torch.Tensor | None = None) -> tuple:
     """``(columns, diagonals)`` bool ``[B, H, Lkv]``: the smallest sets of each whose mass reaches ``gamma``.
 
     ``col_sums`` / ``diag_sums`` fp32 ``[B, H, Lkv]``, on the kernel path. One
     :func:`~blocksieve.ops.mass_threshold.cumulative_mask_triton` over both (stacked) under CUDA-graph
     capture, for rows of at least :data:`EAGER_SEARCH_MIN_KEYS`, and under ``TRITON_INTERPRET=1``;
     otherwise the sort of :func:`~blocksieve.select.choose.cumulative_mask`. The two agree up to
-    entries tied with the last one kept (the search keeps them all).
+    entries tied with the last one kept (the search keeps them all). ``heads_on`` (bool ``[B, H]``):
+    the heads whose sets are wanted; the others' sums are not read (they may hold anything) and
+    their sets are empty.
     """
     from blocksieve.ops.mass_threshold import cumulative_mask_triton
 
     sums = torch.stack((col_sums, diag_sums))
+    rows_on = None if heads_on is None else heads_on.expand(2, *heads_on.shape)
     if sums.is_cuda and sums.shape[-1] < EAGER_SEARCH_MIN_KEYS and not torch.cuda.is_current_stream_capturing():
-        return cumulative_mask(sums, gamma).unbind(0)
-    return cumulative_mask_triton(sums, gamma).unbind(0)
+        if rows_on is None:
+            return cumulative_mask(sums, gamma).unbind(0)
+        return (cumulative_mask(torch.where(rows_on[..., None], sums, 0.0), gamma) & rows_on[..., None]).unbind(0)
+    return cumulative_mask_triton(sums, gamma, rows_on=rows_on).unbind(0)
 
 
-def query_aware_scores(qp: torch.Tensor, kp: torch.Tensor, block: int, offset: int, scale: float):
+def query_aware_scores(qp: torch.Tensor, kp: torch.Tensor, block: int, offset: int, scale: float, head_mask: torch.Tensor | None = None):
     """``(n0, n1) -> [B, Hq, n1-n0, NK]`` fp32: ``scale · mean(q_blk) · mean(k_blk)`` of query blocks ``[n0, n1)``.
 
     ``qp [B, Hq, NQ, D]`` / ``kp [B, Hkv, NK, D]`` are the block means, ``offset = Lkv - Lq``. On CUDA
     for head dims up to 128 the products run on tensor cores in ``tf32x3``
     (:func:`blocksieve.ops.segment_dot.segment_block_dot_triton`, about fp32 accuracy; key blocks
     past a query block's last row are ``-inf``, which the causal ``limit`` of the selection never
-    reads; also on the CPU under ``TRITON_INTERPRET=1``); elsewhere ``torch.matmul`` in fp32 (SIMT on
-    the GPU: 0.21 ms at 128K on an H100, session 17).
+    reads; also on the CPU under ``TRITON_INTERPRET=1``), for the heads of ``head_mask`` (bool
+    ``[B, Hq]``) alone when given (the others' scores are then undefined); elsewhere ``torch.matmul``
+    in fp32 (SIMT on the GPU: 0.21 ms at 128K on an H100, session 17).
     """
     from blocksieve.ops._triton_utils import interpreting
     from blocksieve.ops.segment_dot import kernel_supports, segment_block_dot_triton
@@ -103,7 +119,7 @@ def query_aware_scores(qp: torch.Tensor, kp: torch.Tensor, block: int, offset: i
     qs = qp.float() * scale
     # query block n sees key block j iff j · block <= offset + (n + 1) · block - 1: the kernel's
     # "(j + 1) · block <= base + n · block" with segments of one block and base = offset + 2 · block - 1
-    return lambda n0, n1: segment_block_dot_triton(qs[:, :, n0:n1], kp, block, block, offset + (n0 + 2) * block - 1)
+    return lambda n0, n1: segment_block_dot_triton(qs[:, :, n0:n1], kp, block, block, offset + (n0 + 2) * block - 1, head_mask=head_mask)
 
 
 @register
@@ -131,16 +147,20 @@ class FlexPrefill(SparseMethod):
         ``kp`` is ``mean_pool(k, block)`` when the caller already has it.
         """
         c = self.config
-        b, hq, lq, d = q.shape
-        lkv = k.shape[2]
-        nk, r = -(-lkv // c.block), min(c.block, lq)
-        cols, diags = last_rows_sums(q, k, c.block, d**-0.5, c.backend)  # Σ over the R rows of their probabilities
-        a_true = torch.nn.functional.pad(cols / r, (0, nk * c.block - lkv)).reshape(b, hq, nk, c.block).sum(-1)
+        lkv, nk = k.shape[2], -(-k.shape[2] // c.block)
+        cols, diags = last_rows_sums(q, k, c.block, q.shape[-1] ** -0.5, c.backend)  # Σ over the R rows of their probabilities
+        block_mass = torch.nn.functional.pad(cols, (0, nk * c.block - lkv)).unflatten(-1, (nk, c.block)).sum(-1)
+        return self._js_test(block_mass, q, k, kp), cols, diags
+
+    def _js_test(self, block_mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
+        """``use_query_aware`` bool ``[B, Hq]`` from ``block_mass [B, Hq, NK]``, the last rows' probabilities summed per key block."""
+        c = self.config
+        lq, d = q.shape[2:]
+        nk, r = block_mass.shape[-1], min(c.block, lq)
         q_last = q[:, :, lq - r :].float().mean(2, keepdim=True)
         s = grouped_dot(q_last, mean_pool(k, c.block) if kp is None else kp, d**-0.5)[:, :, 0]  # [B, Hq, NK]
-        last_pos = lkv - 1
-        s = s.masked_fill(torch.arange(nk, device=q.device) * c.block > last_pos, float("-inf"))
-        return js_distance(a_true, masked_softmax(s)) < c.tau, cols, diags
+        s = s.masked_fill(torch.arange(nk, device=q.device) * c.block > k.shape[2] - 1, float("-inf"))
+        return js_distance(block_mass / r, masked_softmax(s)) < c.tau
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
@@ -179,23 +199,47 @@ class FlexPrefill(SparseMethod):
     def _select_rows(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         """:meth:`select`'s layout from the row-writing kernels: each head's rows written by its pattern's kernel."""
         from blocksieve.ops.cumulative_select import causal_limit, cumulative_select_chunked
+        from blocksieve.ops.head_block_mean import block_mean_triton
         from blocksieve.ops.last_rows_stats import vertical_slash_layout_triton
 
         c = self.config
         b, hq, lq, d = q.shape
         lkv = k.shape[2]
         nq, nk = -(-lq // c.block), -(-lkv // c.block)
-        qp, kp = block_mean(q, c.block), block_mean(k, c.block)
-        use_qa, col_sums, diag_sums = self.query_aware_heads(q, k, kp)
-        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.gamma)
+        kp = block_mean(k, c.block)
+        use_qa, col_sums, diag_sums = self._tested_sums(q, k, kp)
+        qp = block_mean_triton(q, c.block, head_mask=use_qa)  # the query-aware heads' alone
+        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.gamma, heads_on=~use_qa)
         cols[..., 0] = True  # the first block
         slashes[..., 0] = True  # diagonal 0 crosses exactly the diagonal blocks
         first = torch.zeros(nq, 1, dtype=torch.long, device=q.device)
         forced = torch.cat([first, diagonal_blocks(c.block, c.block, lq, lkv, q.device)], 1)[None, None]  # [1, 1, NQ, 1 + W]
         out = cumulative_select_chunked(
-            query_aware_scores(qp, kp, c.block, lkv - lq, d**-0.5), b, hq, nq, nk, c.gamma,
+            query_aware_scores(qp, kp, c.block, lkv - lq, d**-0.5, head_mask=use_qa), b, hq, nq, nk, c.gamma,
             limit=causal_limit(c.block, c.block, lq, lkv, q.device), forced=forced, head_mask=use_qa,
             out=(torch.empty(b, hq, nq, nk, dtype=torch.int32, device=q.device), torch.empty(b, hq, nq, dtype=torch.int32, device=q.device)),
         )  # fmt: skip
         ids, counts = vertical_slash_layout_triton(cols, slashes, c.block, c.block, lq, lkv, nk, head_mask=~use_qa, out=out)
         return BlockLayout(ids, counts, c.block, c.block, lq, lkv, True)
+
+    def _tested_sums(self, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor) -> tuple:
+        """:meth:`query_aware_heads` on the kernel path, with the column and diagonal sums of the vertical-slash heads only.
+
+        The test needs only each key block's mass, which the first pass gives per key tile
+        (:func:`~blocksieve.ops.last_rows_stats.last_rows_stats_triton`); the second pass, the
+        costlier one, then runs for the heads that fail it. Blocks that are not a multiple of 16 keys
+        (no key tile divides them) take both passes for every head. The query-aware heads' sums are
+        left undefined.
+        """
+        from blocksieve.ops.last_rows_stats import BLOCK_N, last_rows_stats_triton, last_rows_sums_triton
+
+        c = self.config
+        if c.block % 16:
+            return self.query_aware_heads(q, k, kp)
+        d, nk = q.shape[-1], -(-k.shape[2] // c.block)
+        tile = math.gcd(c.block, BLOCK_N)
+        bias, tile_mass = last_rows_stats_triton(q, k, c.block, d**-0.5, mass_tile=tile)
+        block_mass = torch.nn.functional.pad(tile_mass, (0, nk * (c.block // tile) - tile_mass.shape[-1])).unflatten(-1, (nk, -1)).sum(-1)
+        use_qa = self._js_test(block_mass, q, k, kp)
+        cols, diags = last_rows_sums_triton(q, k, c.block, d**-0.5, bias=bias, head_mask=~use_qa)
+        return use_qa, cols, diags

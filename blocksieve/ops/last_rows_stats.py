@@ -14,14 +14,17 @@ head ``h // G``), so each key tile of the span is loaded once per ``HP`` heads a
 larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the passes):
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
-   head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch.
+   head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch. On request
+   it also stores each row's sum of every tile, which gives the rows' mass per key tile
+   (:func:`last_rows_stats_triton`: FlexPrefill's test needs no more).
 2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums
    are a reduction over rows (each key belongs to one program: plain stores). The tile's diagonals
    form a band of ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each
    row of ``p`` so that a diagonal becomes a column (the rotation is the same for every chunk), a
    masked reduction over rows per chunk gives the band, and each program stores its own band (no
    atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
-   fixed order, so the result is deterministic.
+   fixed order, so the result is deterministic. Given a head mask, a pass of heads that are all off
+   reads no key tile (their sums stay unwritten).
 
 Memory: ``O(B · Hq · Lkv)`` fp32 (the band partials are ``⌈(R + BLOCK_N - 1) / BLOCK_N⌉ · Lkv`` per
 head); no host synchronisation, so the call can be captured in a CUDA graph.
@@ -65,6 +68,8 @@ PROGRAMS_PER_SM = 4
 """Programs per SM the key tiles are spread over (a span of tiles each). vertical_slash's selection
 (H100, session 19, ``last_rows_ab_h100_s19_call1.json``) took 0.695-0.696 ms at 32K with 4, 0.684-0.685
 with 2, 0.712-0.714 with 8, 0.757 with 16; at 128K 2.79-2.85 ms with 4 and 2.82-2.90 with the others."""
+TILE_MASS_ENTRIES = 4096
+"""(tile, row) entries per program of :func:`_tile_mass_kernel`."""
 LAYOUT_TILE = 256
 """Key blocks per step of :func:`_vertical_slash_layout_kernel`."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,11 +77,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _row_stats_kernel(
-    Q, K, M, L,
+    Q, K, M, L, TILE_M, TILE_L,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-    q_len, kv_len, rows, num_kv_heads, group, n_span, tiles_per_span, qk_scale,
+    q_len, kv_len, rows, num_kv_heads, group, n_span, n_tiles, tiles_per_span, qk_scale,
     D: tl.constexpr, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, TILE_STATS: tl.constexpr,
 ):  # fmt: skip
     i_s = tl.program_id(0)
     i_bk = tl.program_id(1)
@@ -108,20 +113,45 @@ def _row_stats_kernel(
             b_s = tl.where(m_vis, b_s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BP]
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(b_s - m_use[:, None]), 1)
+            l_tile = tl.sum(tl.exp2(b_s - m_use[:, None]), 1)  # [BP] the tile's sum, relative to m_use
+            l_i = l_i * tl.exp2(m_i - m_use) + l_tile
             m_i = m_new
+            if TILE_STATS:  # [B, Hq, NT, R]: rows of a tile side by side
+                i_t = i_s * tiles_per_span + t
+                o_tile = ((i_b * num_kv_heads * group + i_h) * n_tiles + i_t) * rows + o_r
+                m_tile = m_r & (o_r * 0 + i_t < n_tiles)  # [BP] the last span may run past the last tile
+                tl.store(TILE_M + o_tile, m_use, mask=m_tile)
+                tl.store(TILE_L + o_tile, l_tile, mask=m_tile)
         o_out = ((i_b * num_kv_heads * group + i_h) * n_span + i_s) * rows + o_r
         tl.store(M + o_out, m_i, mask=m_r)
         tl.store(L + o_out, l_i, mask=m_r)
 
 
 @triton.jit
+def _tile_mass_kernel(TILE_M, TILE_L, BIAS, OUT, n_tiles, rows, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``out[bh, t] = Σ_r tile_l[bh, t, r] · 2^(tile_m[bh, t, r] - bias[bh, r])``: the rows' mass in each key tile.
+
+    A tile's sum is relative to the running max after it (at most ``bias``), or to 0 before a row's
+    first visible key (a zero sum), so the exponent is clamped at 0."""
+    i_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_R)  # [BR]
+    m_r = o_r < rows
+    b_bias = tl.load(BIAS + i_bh * rows + o_r, mask=m_r, other=0.0)  # [BR]
+    m = (i_t < n_tiles)[:, None] & m_r[None, :]
+    o = (i_bh * n_tiles + i_t[:, None]) * rows + o_r[None, :]  # [BT, BR]
+    b_m = tl.load(TILE_M + o, mask=m, other=0.0)
+    b_l = tl.load(TILE_L + o, mask=m, other=0.0)
+    tl.store(OUT + i_bh * n_tiles + i_t, tl.sum(b_l * tl.exp2(tl.minimum(b_m - b_bias[None, :], 0.0)), 1), mask=i_t < n_tiles)
+
+
+@triton.jit
 def _sums_kernel(
-    Q, K, BIAS, COLS, BANDS,
+    Q, K, BIAS, COLS, BANDS, HEADS_ON,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     q_len, kv_len, rows, num_kv_heads, group, n_tiles, tiles_per_span, qk_scale,
     D: tl.constexpr, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_CHUNKS: tl.constexpr, DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    N_CHUNKS: tl.constexpr, DIAGONALS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
 ):  # fmt: skip
     i_s = tl.program_id(0)
     i_bk = tl.program_id(1)
@@ -146,7 +176,10 @@ def _sums_kernel(
         p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
         b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
         b_bias = tl.load(BIAS + bh * rows + o_r, mask=m_r, other=0.0)  # [BP] m + log2(l): p = exp2(s - bias)
-        for t in range(tiles_per_span):
+        n_run = tiles_per_span
+        if HAS_HEAD_MASK:  # a pass of heads that are all off reads no key tile
+            n_run = tl.where(tl.max(tl.load(HEADS_ON + bh_h, mask=m_h, other=0).to(tl.int32), 0) > 0, n_run, 0)
+        for t in range(n_run):
             i_t = i_s * tiles_per_span + t
             o_key = i_t * BLOCK_N + o_c  # [BN]
             m_key = o_key < kv_len
@@ -233,6 +266,104 @@ def default_launch(diagonals: bool, rows: int, tile_rows: int) -> tuple:
     return (4, 2) if rows <= 64 else (8, 3)
 
 
+def _launch(q: torch.Tensor, k: torch.Tensor, r: int, diagonals: bool, block_n, pack_rows, num_warps, num_stages) -> dict:
+    """Both passes' tiling for ``r`` last rows: the kernels' meta-parameters and launch knobs, with defaults."""
+    d = q.shape[3]
+    block_n = BLOCK_N if block_n is None else block_n
+    if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
+        raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
+    if pack_rows is None:
+        pack_rows = DIAGONAL_PACK_ROWS if diagonals else PACK_ROWS
+    block_r = max(16, next_pow2(r))
+    hp = heads_per_pass(q.shape[1] // k.shape[1], block_r, pack_rows)
+    warps, stages = default_launch(diagonals, r, hp * block_r)
+    return {
+        "D": d,
+        "BLOCK_R": block_r,
+        "HP": hp,
+        "BLOCK_N": block_n,
+        "BLOCK_D": max(16, next_pow2(d)),
+        "UPCAST": upcast_dots(q.dtype),
+        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": num_warps or warps,
+        "num_stages": num_stages or stages,
+    }
+
+
+def _spans(n_tiles: int, q: torch.Tensor, num_kv_pairs: int) -> tuple:
+    """``(tiles_per_span, n_span)``: key tiles per program so that about :data:`PROGRAMS_PER_SM` programs run per SM."""
+    tiles_per_span = max(1, math.ceil(n_tiles * num_kv_pairs / (PROGRAMS_PER_SM * sm_count(q))))
+    return tiles_per_span, math.ceil(n_tiles / tiles_per_span)
+
+
+@on_input_device
+def _row_stats(q: torch.Tensor, k: torch.Tensor, r: int, scale: float, meta: dict, tile_mass: bool) -> tuple:
+    """Pass 1: ``(bias [B, Hq, R], tile masses [B, Hq, NT] or None)`` (:func:`last_rows_stats_triton`)."""
+    b, hq, lq, _ = q.shape
+    hkv, lkv = k.shape[1], k.shape[2]
+    n_tiles = math.ceil(lkv / meta["BLOCK_N"])
+    tiles_per_span, n_span = _spans(n_tiles, q, b * hkv)
+    m_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
+    l_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
+    tile_shape = (b, hq, n_tiles, r) if tile_mass else (1,)
+    tile_m = empty_output(*tile_shape, dtype=torch.float32, device=q.device)
+    tile_l = empty_output(*tile_shape, dtype=torch.float32, device=q.device)
+    _row_stats_kernel[(n_span, b * hkv)](
+        q, k, m_part, l_part, tile_m, tile_l, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lq, lkv, r, hkv, hq // hkv, n_span, n_tiles, tiles_per_span, float(scale) * LOG2E, TILE_STATS=tile_mass, **meta,
+    )  # fmt: skip
+    m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
+    bias = m + torch.log2((l_part * torch.exp2(m_part - m[:, :, None])).sum(2))  # [B, Hq, R] log2 of the normaliser
+    if not tile_mass:
+        return bias, None
+    masses = empty_output(b, hq, n_tiles, dtype=torch.float32, device=q.device)
+    block_r = meta["BLOCK_R"]
+    block_t = max(1, TILE_MASS_ENTRIES // block_r)
+    _tile_mass_kernel[(math.ceil(n_tiles / block_t), b * hq)](tile_m, tile_l, bias.contiguous(), masses, n_tiles, r, BLOCK_T=block_t, BLOCK_R=block_r)
+    return bias, masses
+
+
+def _contiguous_rows(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
+
+
+@on_input_device
+def last_rows_stats_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: int,
+    scale: float,
+    mass_tile: int | None = None,
+    pack_rows: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple:
+    """The first pass alone: each last row's normaliser, and optionally the rows' mass per tile of keys.
+
+    FlexPrefill's test needs only the last rows' mass per key block (``ā``), its diagonal sums only
+    for the heads that fail the test: with ``mass_tile`` set, the pass also stores each row's sum of
+    every ``mass_tile``-key tile relative to its running maximum (``[B, Hq, NT, R]``, two fp32 each),
+    which gives the tile masses once the normalisers are known; the second pass then runs for the
+    failing heads alone (``last_rows_sums_triton(..., bias=, head_mask=)``).
+
+    Args:
+        q, k, rows, scale: as for :func:`last_rows_sums_triton`.
+        mass_tile: keys per tile of the tile masses (a power of two from 16 to 256; also the pass's
+            key tile), or ``None`` for the normalisers alone (the pass then tiles by :data:`BLOCK_N`).
+        pack_rows, num_warps, num_stages: launch knobs; default those of the diagonal sums' pass.
+    Returns:
+        ``(bias [B, Hq, R], tile_mass [B, Hq, ceil(Lkv / mass_tile)] or None)`` fp32: ``bias`` is the
+        log2 of each row's softmax normaliser (``p = exp2(s · scale · log2 e - bias)``), ``tile_mass``
+        the sum over the ``R`` rows of their probabilities in each tile (the column sums pooled per
+        tile; each row's add up to 1, so the masses add up to ``R``).
+    """
+    _check(q, k, rows)
+    q, k = _contiguous_rows(q, k)
+    r = min(rows, q.shape[2])
+    meta = _launch(q, k, r, True, mass_tile, pack_rows, num_warps, num_stages)
+    return _row_stats(q, k, r, scale, meta, mass_tile is not None)
+
+
 @on_input_device
 def last_rows_sums_triton(
     q: torch.Tensor,
@@ -244,6 +375,8 @@ def last_rows_sums_triton(
     pack_rows: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    bias: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
 ) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
@@ -256,52 +389,37 @@ def last_rows_sums_triton(
             heads of a KV group are stacked so that each key tile is loaded once for them all; default
             :data:`DIAGONAL_PACK_ROWS` with the diagonals, :data:`PACK_ROWS` without.
         num_warps, num_stages: launch knobs of both passes; default :func:`default_launch`'s.
+        bias: the rows' normalisers from :func:`last_rows_stats_triton` (``[B, Hq, R]`` fp32), which
+            skips the first pass; computed here when ``None``.
+        head_mask: bool ``[B, Hq]``: the second pass reads keys only for passes of heads with some head
+            on, and the sums of the heads off are left unwritten (undefined); ``None``: every head.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
         ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
     """
     _check(q, k, rows)
-    b, hq, lq, d = q.shape
+    b, hq, lq, _ = q.shape
     hkv, lkv = k.shape[1], k.shape[2]
     r = min(rows, lq)
-    q, k = q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
-    block_r, block_d = max(16, next_pow2(r)), max(16, next_pow2(d))
-    if block_n is None:
-        block_n = BLOCK_N
-    if pack_rows is None:
-        pack_rows = DIAGONAL_PACK_ROWS if diagonals else PACK_ROWS
-    if block_n < 16 or block_n > 256 or block_n & (block_n - 1):
-        raise ValueError(f"block_n={block_n} must be a power of two from 16 to 256")
+    q, k = _contiguous_rows(q, k)
+    meta = _launch(q, k, r, diagonals, block_n, pack_rows, num_warps, num_stages)
+    if bias is None:
+        bias = _row_stats(q, k, r, scale, meta, False)[0]
+    elif bias.shape != (b, hq, r) or bias.dtype != torch.float32 or bias.device != q.device:
+        raise ValueError(f"bias must be float32 [B={b}, Hq={hq}, R={r}] on {q.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
+    if head_mask is not None and (head_mask.shape != (b, hq) or head_mask.dtype != torch.bool):
+        raise ValueError(f"head_mask must be bool [B={b}, Hq={hq}], got {head_mask.dtype} {tuple(head_mask.shape)}")
+    block_n = meta["BLOCK_N"]
     n_tiles = math.ceil(lkv / block_n)
-    tiles_per_span = max(1, math.ceil(n_tiles * b * hkv / (PROGRAMS_PER_SM * sm_count(q))))
-    n_span = math.ceil(n_tiles / tiles_per_span)
-    n_chunks = math.ceil((block_r + block_n - 1) / block_n)
-    hp = heads_per_pass(hq // hkv, block_r, pack_rows)
-    meta = {
-        "D": d,
-        "BLOCK_R": block_r,
-        "HP": hp,
-        "BLOCK_N": block_n,
-        "BLOCK_D": block_d,
-        "UPCAST": upcast_dots(q.dtype),
-        "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
-    }
-    warps, stages = default_launch(diagonals, r, hp * block_r)
-    meta.update(num_warps=num_warps or warps, num_stages=num_stages or stages)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    qk_scale = float(scale) * LOG2E
-    m_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
-    l_part = empty_output(b, hq, n_span, r, dtype=torch.float32, device=q.device)
-    _row_stats_kernel[(n_span, b * hkv)](
-        q, k, m_part, l_part, *strides, lq, lkv, r, hkv, hq // hkv, n_span, tiles_per_span, qk_scale, **meta
-    )
-    m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
-    bias = m + torch.log2((l_part * torch.exp2(m_part - m[:, :, None])).sum(2))  # [B, Hq, R] log2 of the normaliser
+    tiles_per_span, n_span = _spans(n_tiles, q, b * hkv)
+    n_chunks = math.ceil((meta["BLOCK_R"] + block_n - 1) / block_n)
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
     bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
+    heads_on = cols if head_mask is None else head_mask.to(device=q.device, dtype=torch.int8).contiguous().view(-1)
     _sums_kernel[(n_span, b * hkv)](
-        q, k, bias.contiguous(), cols, bands, *strides, lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, qk_scale,
-        N_CHUNKS=n_chunks, DIAGONALS=diagonals, **meta,
+        q, k, bias.contiguous(), cols, bands, heads_on, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, float(scale) * LOG2E,
+        N_CHUNKS=n_chunks, DIAGONALS=diagonals, HAS_HEAD_MASK=head_mask is not None, **meta,
     )  # fmt: skip
     return cols, (_add_bands(bands, lkv) if diagonals else None)
 

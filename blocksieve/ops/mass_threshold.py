@@ -91,14 +91,18 @@ def _store_state(STATE_I, STATE_F, i_r, n_rows, prefix, above, target, PASS: tl.
 
 @triton.jit
 def _digit_mass_kernel(
-    X, HIST, STATE_I, STATE_F, n, n_rows, n_chunks, chunk, stride_x, tau,
+    X, HIST, STATE_I, STATE_F, ROWS_ON, n, n_rows, n_chunks, chunk, stride_x, tau,
     PASS: tl.constexpr, HIGH: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    HAS_ROW_MASK: tl.constexpr,
 ):  # fmt: skip
     """Pass ``PASS``: ``hist[PASS, row, chunk, d]`` = mass of the chunk's entries whose bits under ``HIGH``
     (the int32 mask of the digits found so far) equal the threshold's and whose next digit is ``d``."""
     ND: tl.constexpr = 1 << DIGIT_BITS
     i_r = tl.program_id(0)
     i_c = tl.program_id(1)
+    if HAS_ROW_MASK:
+        if tl.load(ROWS_ON + i_r) == 0:
+            return  # an unsearched row: the mask kernel writes it empty
     if PASS == 0:
         prefix = tl.zeros([], dtype=tl.int32)
     else:
@@ -123,8 +127,8 @@ def _digit_mass_kernel(
 
 @triton.jit
 def _threshold_mask_kernel(
-    X, OUT, HIST, STATE_I, STATE_F, n, n_rows, n_chunks, chunk, stride_x, stride_o, tau,
-    PASSES: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    X, OUT, HIST, STATE_I, STATE_F, ROWS_ON, n, n_rows, n_chunks, chunk, stride_x, stride_o, tau,
+    PASSES: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr, HAS_ROW_MASK: tl.constexpr,
 ):  # fmt: skip
     i_r = tl.program_id(0)
     i_c = tl.program_id(1)
@@ -133,9 +137,12 @@ def _threshold_mask_kernel(
     p_o = OUT + i_r.to(tl.int64) * stride_o
     o_b = tl.arange(0, BLOCK)
     end = tl.minimum(i_c * chunk + chunk, n)
+    end_read = end
+    if HAS_ROW_MASK:
+        end_read = tl.where(tl.load(ROWS_ON + i_r) != 0, end, 0)  # an unsearched row: nothing read, nothing kept
     for n0 in range(i_c * chunk, end, BLOCK):
         o_n = n0 + o_b
-        b_x = tl.load(p_x + o_n, mask=o_n < end, other=0.0)
+        b_x = tl.load(p_x + o_n, mask=o_n < end_read, other=0.0)
         keep = (b_x.to(tl.int32, bitcast=True) >= t) & (b_x > 0)
         tl.store(p_o + o_n, keep, mask=o_n < end)
 
@@ -149,7 +156,7 @@ def chunks_for(rows: int, n: int, programs: int) -> tuple:
 
 
 @on_input_device
-def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = None) -> torch.Tensor:
+def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = None, rows_on: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask ``[..., N]``: per row the largest entries of ``mass`` reaching ``tau`` of the row's total,
     and any tied with the last of them (module docstring). Rows of zero mass keep nothing.
 
@@ -158,6 +165,8 @@ def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = N
         tau: in ``(0, 1]``; ``1`` keeps every positive entry without a search (the sort's rule may
             drop the smallest ones there, whose preceding sum already rounds to the total).
         chunk: entries per program, a positive multiple of :data:`BLOCK` (default: :func:`chunks_for`).
+        rows_on: bool ``mass.shape[:-1]``: search only these rows; the others keep nothing, and their
+            entries are never read (they may hold anything, NaN included). ``None``: every row.
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must lie in (0, 1], got {tau}")
@@ -167,11 +176,14 @@ def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = N
         raise ValueError(f"mass is on {mass.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use choose.cumulative_mask")
     if mass.dim() == 0 or mass.shape[-1] == 0 or mass.numel() == 0:
         raise ValueError(f"mass must have non-empty rows, got shape {tuple(mass.shape)}")
+    if rows_on is not None and (rows_on.shape != mass.shape[:-1] or rows_on.dtype != torch.bool):
+        raise ValueError(f"rows_on must be bool {tuple(mass.shape[:-1])} (mass's rows), got {rows_on.dtype} {tuple(rows_on.shape)}")
     if tau >= 1.0:
-        return mass > 0  # the whole positive mass: no search
+        return mass > 0 if rows_on is None else (mass > 0) & rows_on[..., None]  # the whole positive mass: no search
     n = mass.shape[-1]
     rows = mass.reshape(-1, n) if mass.stride(-1) == 1 else mass.contiguous().reshape(-1, n)
     n_rows = rows.shape[0]
+    flags = rows if rows_on is None else rows_on.to(device=mass.device, dtype=torch.int8).reshape(-1).contiguous()
     if chunk is None:
         chunk, n_chunks = chunks_for(n_rows, n, PROGRAMS_PER_SM * sm_count(mass))
     elif chunk <= 0 or chunk % BLOCK or -(-n // chunk) > MAX_CHUNKS:
@@ -183,11 +195,13 @@ def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = N
     state_f = torch.empty(PASSES, n_rows, 2, dtype=torch.float32, device=mass.device)
     out = empty_output(*mass.shape, dtype=torch.bool, device=mass.device)  # every entry is written
     grid = (n_rows, n_chunks)
-    common = dict(DIGIT_BITS=DIGIT_BITS, BLOCK=BLOCK, CHUNKS_P2=next_pow2(n_chunks), num_warps=4)
+    common = dict(DIGIT_BITS=DIGIT_BITS, BLOCK=BLOCK, CHUNKS_P2=next_pow2(n_chunks), HAS_ROW_MASK=rows_on is not None, num_warps=4)
     for p in range(PASSES):
         high = -(1 << (32 - DIGIT_BITS * p)) if p else 0
-        _digit_mass_kernel[grid](rows, hist, state_i, state_f, n, n_rows, n_chunks, chunk, rows.stride(0), float(tau), PASS=p, HIGH=high, **common)
+        _digit_mass_kernel[grid](
+            rows, hist, state_i, state_f, flags, n, n_rows, n_chunks, chunk, rows.stride(0), float(tau), PASS=p, HIGH=high, **common
+        )  # fmt: skip
     _threshold_mask_kernel[grid](
-        rows, out.view(-1, n), hist, state_i, state_f, n, n_rows, n_chunks, chunk, rows.stride(0), n, float(tau), PASSES=PASSES, **common
+        rows, out.view(-1, n), hist, state_i, state_f, flags, n, n_rows, n_chunks, chunk, rows.stride(0), n, float(tau), PASSES=PASSES, **common
     )  # fmt: skip
     return out

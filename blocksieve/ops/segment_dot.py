@@ -53,13 +53,13 @@ PRECISIONS = ("tf32x3", "ieee")
 # fmt: off
 @triton.jit
 def _segment_dot_kernel(
-    QS, KB, OUT,
+    QS, KB, OUT, HEADS_ON,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_os,
     num_kv_heads, group, n_packs, ns, nk, n_tiles, base,
     SEGMENT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S_: tl.constexpr, BLOCK_N_: tl.constexpr, HP: tl.constexpr,
-    D: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, PRECISION: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
 ):
     # fmt: on
     i_tile = tl.program_id(0) % n_tiles  # segment tiles of one key tile are neighbours: they read the same block means
@@ -67,6 +67,10 @@ def _segment_dot_kernel(
     i_b, i_kvh, o_s, o_h, m_r, n_past = segment_rows(
         tl.program_id(1), i_tile, num_kv_heads, n_packs, group, ns, nk, base, SEGMENT, BLOCK_K, BLOCK_S_, HP
     )  # [R] rows: segment ids, query heads, valid rows, blocks wholly before each segment
+    if HAS_HEAD_MASK:
+        p_on = HEADS_ON + i_b.to(tl.int64) * num_kv_heads * group + o_h
+        if tl.max(tl.load(p_on, mask=m_r, other=0).to(tl.int32), 0) == 0:
+            return  # no row of a head on: nothing written
     o_d = tl.arange(0, D)
     p_o = OUT + i_b.to(tl.int64) * stride_ob + o_h[:, None] * stride_oh + o_s[:, None].to(tl.int64) * stride_os + o_j[None, :]
     m_o = m_r[:, None] & (o_j < nk)[None, :]
@@ -112,6 +116,7 @@ def segment_block_dot_triton(
     block_n: int | None = None,
     num_warps: int = NUM_WARPS,
     precision: str = "tf32x3",
+    head_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, Hq, NS, NK]`` fp32 scores of the segment means ``qs [B, Hq, NS, D]`` against the key-block means ``kb [B, Hkv, NK, D]``.
 
@@ -121,7 +126,8 @@ def segment_block_dot_triton(
     two from 16 to 256. Launch knobs (they change the speed, not the result beyond rounding):
     ``block_s`` and ``block_n`` (powers of two >= 16), ``pack_rows``, ``num_warps``; ``precision``
     ``"tf32x3"`` (tensor cores) or ``"ieee"`` (fp32 FMA). ``pack_rows`` and ``block_n`` default to
-    :func:`default_tiles` of the head dim.
+    :func:`default_tiles` of the head dim. ``head_mask`` (bool ``[B, Hq]``): write only the rows of
+    these heads (the others are left undefined; programs with no head on return at once).
     """
     b, hq, ns, d = qs.shape
     tiles = default_tiles(d)
@@ -135,16 +141,19 @@ def segment_block_dot_triton(
         raise ValueError(f"block_k={block_k} and segment={segment} must be positive")
     if not mma_sizes_ok(block_s, block_n) or precision not in PRECISIONS:
         raise ValueError(f"block_s={block_s} and block_n={block_n} must be powers of two >= 16, precision one of {PRECISIONS}")
+    if head_mask is not None and (head_mask.shape != (b, hq) or head_mask.dtype != torch.bool):
+        raise ValueError(f"head_mask must be bool [B={b}, Hq={hq}], got {head_mask.dtype} {tuple(head_mask.shape)}")
     qs = last_dim_contiguous(qs.float())
     kb = last_dim_contiguous(kb.float())
     out = empty_output(b, hq, ns, nk, dtype=torch.float32, device=qs.device)
     group = hq // hkv
     hp, n_tiles, n_packs = segment_grid(ns, group, block_s, pack_rows)
     grid = (n_tiles * math.ceil(nk / block_n), b * hkv * n_packs)
+    flags = out if head_mask is None else head_mask.to(device=qs.device, dtype=torch.int8).contiguous().view(-1)
     _segment_dot_kernel[grid](
-        qs, kb, out, qs.stride(0), qs.stride(1), qs.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+        qs, kb, out, flags, qs.stride(0), qs.stride(1), qs.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hkv, group, n_packs, ns, nk, n_tiles, base,
         SEGMENT=segment, BLOCK_K=block_k, BLOCK_S_=block_s, BLOCK_N_=block_n, HP=hp, D=d, PRECISION=precision,
-        num_warps=num_warps,
+        HAS_HEAD_MASK=head_mask is not None, num_warps=num_warps,
     )
     return out

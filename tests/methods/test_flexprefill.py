@@ -130,3 +130,29 @@ def test_vertical_slash_sets_equal_the_sort_rule():
     col_sums, diag_sums = torch.rand(2, 3, 500, device=DEVICE) ** 3, torch.rand(2, 3, 500, device=DEVICE) ** 3
     cols, diags = vertical_slash_sets(col_sums, diag_sums, 0.8)
     assert torch.equal(cols.cpu(), cumulative_mask(col_sums.cpu(), 0.8)) and torch.equal(diags.cpu(), cumulative_mask(diag_sums.cpu(), 0.8))
+
+
+def test_vertical_slash_sets_of_some_heads():
+    """Heads off get empty sets and their sums are not read (NaN here), on both branches."""
+    col_sums, diag_sums = torch.rand(2, 3, 500, device=DEVICE) ** 3, torch.rand(2, 3, 500, device=DEVICE) ** 3
+    on = torch.tensor([[True, False, True], [False, True, False]], device=DEVICE)
+    want = vertical_slash_sets(col_sums, diag_sums, 0.8)
+    col_sums[~on], diag_sums[~on] = float("nan"), float("nan")
+    got = vertical_slash_sets(col_sums, diag_sums, 0.8, heads_on=on)
+    for g, w in zip(got, want):
+        assert torch.equal(g[on], w[on]) and not g[~on].any()
+
+
+@pytest.mark.parametrize("block", [24, 48], ids=["no-tile-divides", "three-tiles-per-block"])
+def test_flexprefill_triton_rows_equal_torch_other_blocks(block):
+    """Block 48 pools three 16-key tiles of the first pass per block; block 24 takes both passes for every head."""
+    q, k = topic_qkv(2, 4, 2, 150, 290, 16)
+    for tau in (0.3, 0.35, 0.4, 0.45, 0.5):  # the first threshold that sends heads to both patterns
+        cfg = {"block": block, "gamma": 0.8, "tau": tau}
+        use_qa = blocksieve.method("flexprefill", backend="torch", **cfg).query_aware_heads(q, k)[0]
+        if 0 < use_qa.sum() < use_qa.numel():
+            break
+    assert 0 < use_qa.sum() < use_qa.numel()
+    want = blocksieve.method("flexprefill", backend="torch", **cfg).select(q, k)
+    got = blocksieve.method("flexprefill", backend="triton", **cfg).select(q.to(DEVICE), k.to(DEVICE))
+    assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.counts.cpu(), want.counts)

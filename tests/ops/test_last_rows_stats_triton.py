@@ -1,5 +1,7 @@
 """Last-rows column / diagonal sums: Triton kernel against the materialised probabilities (CPU via TRITON_INTERPRET, or CUDA)."""
 
+import math
+
 import torch
 
 ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TRITON_INTERPRET first
@@ -14,6 +16,7 @@ from blocksieve.ops.last_rows_stats import (
     DIAGONAL_PACK_ROWS,
     PACK_ROWS,
     kernel_supports,
+    last_rows_stats_triton,
     last_rows_sums_triton,
     slash_prefix_sums,
     vertical_slash_layout_triton,
@@ -197,3 +200,48 @@ def test_heads_per_pass():
     assert [heads_per_pass(4, r, 256) for r in (16, 64, 128, 256)] == [4, 4, 2, 1]
     assert [heads_per_pass(7, 32, 256), heads_per_pass(7, 64, 256), heads_per_pass(1, 16, 256), heads_per_pass(4, 64, 1)] == [8, 4, 1, 1]
     assert [heads_per_pass(4, r, PACK_ROWS) for r in (16, 64, 128)] == [4, 2, 1]  # the columns-only default packs at most 128 rows
+
+
+@pytest.mark.parametrize("tile", [16, 64])
+def test_stats_pass_alone_gives_the_normalisers_and_tile_masses(monkeypatch, tile):
+    # 2 "SMs": the key tiles spread over several spans, the last running past the last tile
+    monkeypatch.setattr("blocksieve.ops.last_rows_stats.sm_count", lambda t: 2)
+    q, k, _ = qkv(1, 4, 2, 90, 300, 32, dtype=torch.float16, device=DEVICE)
+    k[:, :, 250] *= 4  # the row maxima sit in a late span
+    with poisoned_outputs():
+        bias, tile_mass = last_rows_stats_triton(q, k, 40, 32**-0.5, mass_tile=tile)
+        none = last_rows_stats_triton(q, k, 40, 32**-0.5)[1]
+    probs = last_rows_probs(q, k, 40, 32**-0.5)  # [B, Hq, R, Lkv]
+    n_tiles = -(-300 // tile)
+    want = torch.nn.functional.pad(probs.sum(2), (0, n_tiles * tile - 300)).unflatten(-1, (n_tiles, tile)).sum(-1)
+    assert none is None and bias.shape == (1, 4, 40) and tile_mass.shape == (1, 4, n_tiles)
+    assert torch.allclose(tile_mass, want, atol=1e-5)
+    s = q[:, :, -40:].float() @ k.float().repeat_interleave(2, 1).transpose(-1, -2) * 32**-0.5
+    s = s.masked_fill(torch.arange(300, device=DEVICE) > torch.arange(260, 300, device=DEVICE)[:, None], float("-inf"))
+    assert torch.allclose(bias, torch.logsumexp(s, -1) / math.log(2), atol=1e-3)
+    with poisoned_outputs():  # the second pass from these normalisers: the sums of both passes together
+        given = last_rows_sums_triton(q, k, 40, 32**-0.5, bias=bias)
+    assert torch.allclose(given[0], probs.sum(2), atol=1e-5) and torch.allclose(given[1], slash_sums(probs, 90, 300), atol=1e-5)
+
+
+def test_head_mask_writes_the_sums_of_its_heads_only():
+    q, k, _ = qkv(2, 8, 2, 100, 200, 32, dtype=torch.bfloat16, device=DEVICE)
+    on = torch.tensor([[True, False, False, False, False, False, True, True], [False] * 8], device=DEVICE)
+    with poisoned_outputs():  # one head per pass: the heads off are never computed
+        cols, diags = last_rows_sums_triton(q, k, 64, 32**-0.5, pack_rows=64, head_mask=on)
+        all_cols, all_diags = last_rows_sums_triton(q, k, 64, 32**-0.5, pack_rows=64)
+        packed = last_rows_sums_triton(q, k, 64, 32**-0.5, head_mask=on)  # four heads per pass
+    assert torch.equal(cols[on], all_cols[on]) and torch.equal(diags[on], all_diags[on])
+    assert cols[~on].isnan().all() and diags[~on].isnan().all()  # unwritten (the bands' sums of NaN stay NaN)
+    assert torch.allclose(packed[0][on], all_cols[on], atol=1e-6) and torch.allclose(packed[1][on], all_diags[on], atol=1e-6)
+    assert packed[0][1].isnan().all() and not packed[0][0].isnan().any()  # batch 1: no pass has a head on
+
+
+def test_stats_and_masks_reject_bad_arguments():
+    q, k, _ = qkv(1, 4, 2, 20, 40, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[B=1, Hq=4, R=8\]"):
+        last_rows_sums_triton(q, k, 8, 0.25, bias=torch.zeros(1, 4, 20, device=DEVICE))
+    with pytest.raises(ValueError, match=r"head_mask must be bool \[B=1, Hq=4\]"):
+        last_rows_sums_triton(q, k, 8, 0.25, head_mask=torch.ones(1, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="block_n=24"):
+        last_rows_stats_triton(q, k, 8, 0.25, mass_tile=24)

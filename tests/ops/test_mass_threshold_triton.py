@@ -68,6 +68,16 @@ def test_strided_rows_zero_rows_and_tau_one(poisoned):
     assert torch.equal(cumulative_mask_triton(x, 1.0).cpu(), (x > 0).cpu())
 
 
+def test_rows_off_keep_nothing_and_are_not_read(poisoned):
+    x = torch.rand(2, 3, 2 * BLOCK + 9, device=DEVICE) ** 4
+    on = torch.tensor([[True, False, True], [False, False, True]], device=DEVICE)
+    x[~on] = float("nan")  # rows off may hold anything
+    for tau in (0.6, 1.0):
+        got = cumulative_mask_triton(x, tau, BLOCK, rows_on=on)
+        assert not got[~on].any()
+        assert torch.equal(got[on].cpu(), cumulative_mask_triton(x[on], tau, BLOCK).cpu())
+
+
 def test_errors():
     x = torch.rand(2, 300, device=DEVICE)
     with pytest.raises(ValueError, match="float32"):
@@ -78,3 +88,5 @@ def test_errors():
         cumulative_mask_triton(x, 0.5, chunk=100)
     with pytest.raises(ValueError, match="non-empty"):
         cumulative_mask_triton(x[:, :0], 0.5)
+    with pytest.raises(ValueError, match=r"rows_on must be bool \(2,\)"):
+        cumulative_mask_triton(x, 0.5, rows_on=torch.ones(2, 300, dtype=torch.bool, device=DEVICE))

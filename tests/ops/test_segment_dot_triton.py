@@ -52,6 +52,17 @@ def test_segment_dot_matches_grouped_dot(b, hq, hkv, lq, lkv, d, segment, bk, bl
     assert (got[~past] == float("-inf")).all()
 
 
+def test_head_mask_writes_its_heads_only():
+    qs, kb, base = inputs(2, 4, 2, 200, 333, 32, 64, 16)
+    on = torch.tensor([[True, False, False, False], [False, False, False, True]], device=DEVICE)
+    with poisoned_outputs():  # one head per program: the heads off are never written
+        got = segment_dot.segment_block_dot_triton(qs, kb, 16, 64, base, 16, 16, 16, head_mask=on)
+    want = segment_dot.segment_block_dot_triton(qs, kb, 16, 64, base, 16, 16, 16)
+    assert torch.equal(got[on], want[on]) and got[~on].isnan().all()
+    with pytest.raises(ValueError, match=r"head_mask must be bool \[B=2, Hq=4\]"):
+        segment_dot.segment_block_dot_triton(qs, kb, 16, 64, base, head_mask=on[0])
+
+
 def test_s2o_mean_plan_triton_equals_torch():
     """Through ``S2O.plan``: the Triton scores give the PyTorch path's reading order."""
     q, k, _ = qkv(1, 4, 2, 300, 300, 32, device=DEVICE)
