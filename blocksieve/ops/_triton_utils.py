@@ -196,6 +196,17 @@ def tma_available(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
+def mask_flags(mask: Optional[torch.Tensor], shape: tuple, described: str, device, unused: torch.Tensor, name: str = "head_mask") -> torch.Tensor:
+    """The int8 flags ``[prod(shape)]`` a kernel reads for a bool ``mask`` of ``shape`` (checked; ``described``
+    names that shape in the error), or ``unused`` when ``mask`` is ``None`` (the kernel is compiled not
+    to read them then, so any tensor stands in and nothing is allocated)."""
+    if mask is None:
+        return unused
+    if tuple(mask.shape) != tuple(shape) or mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be bool {described}, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.to(device=device, dtype=torch.int8).contiguous().view(-1)
+
+
 def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: int, h: int, nq: int, width: int, device) -> tuple:
     """Outputs of a kernel that writes BlockLayout rows: ``(indices, counts, head flags, has_flags)``.
 
@@ -219,8 +230,4 @@ def layout_rows_out(out: Optional[tuple], head_mask: Optional[torch.Tensor], b: 
             )
         if not (indices.is_contiguous() and counts.is_contiguous()) or {indices.device, counts.device} != {torch.device(device)}:
             raise ValueError(f"out tensors must be contiguous and on the inputs' device ({device})")
-    if head_mask is None:
-        return indices, counts, counts, False
-    if head_mask.shape != (b, h) or head_mask.dtype != torch.bool:
-        raise ValueError(f"head_mask must be bool [B={b}, H={h}], got {head_mask.dtype} {tuple(head_mask.shape)}")
-    return indices, counts, head_mask.to(device=device, dtype=torch.int8).contiguous().view(-1), True
+    return indices, counts, mask_flags(head_mask, (b, h), f"[B={b}, H={h}]", device, counts), head_mask is not None

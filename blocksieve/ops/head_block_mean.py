@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device
+from blocksieve.ops._triton_utils import interpreting, mask_flags, next_pow2, on_input_device
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["block_mean_triton"]
@@ -81,15 +81,13 @@ def block_mean_triton(
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"x is on {x.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use select.pool.block_mean")
     b, h, length, d = x.shape
-    if head_mask is not None and (head_mask.shape != (b, h) or head_mask.dtype != torch.bool):
-        raise ValueError(f"head_mask must be bool [B={b}, H={h}], got {head_mask.dtype} {tuple(head_mask.shape)}")
     block_l = min(BLOCK_L, next_pow2(block)) if block_l is None else block_l
     if block_l <= 0 or block_l & (block_l - 1):
         raise ValueError(f"block_l={block_l} must be a power of two")
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_blocks = -(-length // block)
     out = empty_output(b, h, n_blocks, d, dtype=torch.float32, device=x.device)
-    flags = out if head_mask is None else head_mask.to(device=x.device, dtype=torch.int8).contiguous().view(-1)
+    flags = mask_flags(head_mask, (b, h), f"[B={b}, H={h}]", x.device, out)
     _block_mean_kernel[(n_blocks, b * h)](
         x, out, flags, x.stride(0), x.stride(1), x.stride(2), length, h, n_blocks,
         BLOCK=block, BLOCK_L=block_l, D=d, BLOCK_D=next_pow2(d), HAS_HEAD_MASK=head_mask is not None, num_warps=num_warps,

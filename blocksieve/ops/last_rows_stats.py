@@ -42,7 +42,17 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import heads_per_pass, interpreting, layout_rows_out, mma_operand, next_pow2, on_input_device, sm_count, upcast_dots
+from blocksieve.ops._triton_utils import (
+    heads_per_pass,
+    interpreting,
+    layout_rows_out,
+    mask_flags,
+    mma_operand,
+    next_pow2,
+    on_input_device,
+    sm_count,
+    upcast_dots,
+)
 from blocksieve.ops.alloc import empty_output
 
 LOG2E = 1.4426950408889634
@@ -407,15 +417,13 @@ def last_rows_sums_triton(
         bias = _row_stats(q, k, r, scale, meta, False)[0]
     elif bias.shape != (b, hq, r) or bias.dtype != torch.float32 or bias.device != q.device:
         raise ValueError(f"bias must be float32 [B={b}, Hq={hq}, R={r}] on {q.device}, got {bias.dtype} {tuple(bias.shape)} on {bias.device}")
-    if head_mask is not None and (head_mask.shape != (b, hq) or head_mask.dtype != torch.bool):
-        raise ValueError(f"head_mask must be bool [B={b}, Hq={hq}], got {head_mask.dtype} {tuple(head_mask.shape)}")
     block_n = meta["BLOCK_N"]
     n_tiles = math.ceil(lkv / block_n)
     tiles_per_span, n_span = _spans(n_tiles, q, b * hkv)
     n_chunks = math.ceil((meta["BLOCK_R"] + block_n - 1) / block_n)
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
     bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
-    heads_on = cols if head_mask is None else head_mask.to(device=q.device, dtype=torch.int8).contiguous().view(-1)
+    heads_on = mask_flags(head_mask, (b, hq), f"[B={b}, Hq={hq}]", q.device, cols)
     _sums_kernel[(n_span, b * hkv)](
         q, k, bias.contiguous(), cols, bands, heads_on, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, float(scale) * LOG2E,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import interpreting, next_pow2, on_input_device, sm_count
+from blocksieve.ops._triton_utils import interpreting, mask_flags, next_pow2, on_input_device, sm_count
 from blocksieve.ops.alloc import empty_output
 
 DIGIT_BITS = 2
@@ -176,14 +176,12 @@ def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = N
         raise ValueError(f"mass is on {mass.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use choose.cumulative_mask")
     if mass.dim() == 0 or mass.shape[-1] == 0 or mass.numel() == 0:
         raise ValueError(f"mass must have non-empty rows, got shape {tuple(mass.shape)}")
-    if rows_on is not None and (rows_on.shape != mass.shape[:-1] or rows_on.dtype != torch.bool):
-        raise ValueError(f"rows_on must be bool {tuple(mass.shape[:-1])} (mass's rows), got {rows_on.dtype} {tuple(rows_on.shape)}")
+    flags = mask_flags(rows_on, mass.shape[:-1], f"{tuple(mass.shape[:-1])} (mass's rows)", mass.device, mass, "rows_on")
     if tau >= 1.0:
         return mass > 0 if rows_on is None else (mass > 0) & rows_on[..., None]  # the whole positive mass: no search
     n = mass.shape[-1]
     rows = mass.reshape(-1, n) if mass.stride(-1) == 1 else mass.contiguous().reshape(-1, n)
     n_rows = rows.shape[0]
-    flags = rows if rows_on is None else rows_on.to(device=mass.device, dtype=torch.int8).reshape(-1).contiguous()
     if chunk is None:
         chunk, n_chunks = chunks_for(n_rows, n, PROGRAMS_PER_SM * sm_count(mass))
     elif chunk <= 0 or chunk % BLOCK or -(-n // chunk) > MAX_CHUNKS:

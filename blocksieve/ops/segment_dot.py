@@ -28,7 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from blocksieve.ops._triton_utils import check_segment_operands, last_dim_contiguous, mma_sizes_ok, on_input_device, segment_grid, segment_rows
+from blocksieve.ops._triton_utils import (
+    check_segment_operands,
+    last_dim_contiguous,
+    mask_flags,
+    mma_sizes_ok,
+    on_input_device,
+    segment_grid,
+    segment_rows,
+)
 from blocksieve.ops.alloc import empty_output
 
 __all__ = ["kernel_supports", "segment_block_dot_triton"]
@@ -141,15 +149,13 @@ def segment_block_dot_triton(
         raise ValueError(f"block_k={block_k} and segment={segment} must be positive")
     if not mma_sizes_ok(block_s, block_n) or precision not in PRECISIONS:
         raise ValueError(f"block_s={block_s} and block_n={block_n} must be powers of two >= 16, precision one of {PRECISIONS}")
-    if head_mask is not None and (head_mask.shape != (b, hq) or head_mask.dtype != torch.bool):
-        raise ValueError(f"head_mask must be bool [B={b}, Hq={hq}], got {head_mask.dtype} {tuple(head_mask.shape)}")
     qs = last_dim_contiguous(qs.float())
     kb = last_dim_contiguous(kb.float())
     out = empty_output(b, hq, ns, nk, dtype=torch.float32, device=qs.device)
     group = hq // hkv
     hp, n_tiles, n_packs = segment_grid(ns, group, block_s, pack_rows)
     grid = (n_tiles * math.ceil(nk / block_n), b * hkv * n_packs)
-    flags = out if head_mask is None else head_mask.to(device=qs.device, dtype=torch.int8).contiguous().view(-1)
+    flags = mask_flags(head_mask, (b, hq), f"[B={b}, Hq={hq}]", qs.device, out)
     _segment_dot_kernel[grid](
         qs, kb, out, flags, qs.stride(0), qs.stride(1), qs.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
         out.stride(0), out.stride(1), out.stride(2), hkv, group, n_packs, ns, nk, n_tiles, base,
