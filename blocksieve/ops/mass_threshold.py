@@ -188,9 +188,10 @@ def cumulative_mask_triton(mass: torch.Tensor, tau: float, chunk: int | None = N
         raise ValueError(f"chunk={chunk} must be a positive multiple of {BLOCK} giving at most {MAX_CHUNKS} chunks for N={n}")
     else:
         n_chunks = -(-n // chunk)
-    hist = torch.empty(PASSES, n_rows, n_chunks, 1 << DIGIT_BITS, dtype=torch.float32, device=mass.device)
-    state_i = torch.empty(PASSES, n_rows, dtype=torch.int32, device=mass.device)
-    state_f = torch.empty(PASSES, n_rows, 2, dtype=torch.float32, device=mass.device)
+    alloc = torch.empty if rows_on is None else torch.zeros  # rows off: the mask kernel reads zeros, not leftovers
+    hist = alloc(PASSES, n_rows, n_chunks, 1 << DIGIT_BITS, dtype=torch.float32, device=mass.device)
+    state_i = alloc(PASSES, n_rows, dtype=torch.int32, device=mass.device)
+    state_f = alloc(PASSES, n_rows, 2, dtype=torch.float32, device=mass.device)
     out = empty_output(*mass.shape, dtype=torch.bool, device=mass.device)  # every entry is written
     grid = (n_rows, n_chunks)
     common = dict(DIGIT_BITS=DIGIT_BITS, BLOCK=BLOCK, CHUNKS_P2=next_pow2(n_chunks), HAS_ROW_MASK=rows_on is not None, num_warps=4)
