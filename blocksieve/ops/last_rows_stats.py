@@ -413,6 +413,7 @@ def last_rows_sums_triton(
     r = min(rows, lq)
     q, k = _contiguous_rows(q, k)
     meta = _launch(q, k, r, diagonals, block_n, pack_rows, num_warps, num_stages)
+    heads_on = mask_flags(head_mask, (b, hq), f"[B={b}, Hq={hq}]", q.device, q)  # checked before either pass runs
     if bias is None:
         bias = _row_stats(q, k, r, scale, meta, False)[0]
     elif bias.shape != (b, hq, r) or bias.dtype != torch.float32 or bias.device != q.device:
@@ -423,7 +424,6 @@ def last_rows_sums_triton(
     n_chunks = math.ceil((meta["BLOCK_R"] + block_n - 1) / block_n)
     cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
     bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
-    heads_on = mask_flags(head_mask, (b, hq), f"[B={b}, Hq={hq}]", q.device, cols)
     _sums_kernel[(n_span, b * hkv)](
         q, k, bias.contiguous(), cols, bands, heads_on, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, float(scale) * LOG2E,
