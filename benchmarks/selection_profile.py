@@ -155,11 +155,15 @@ def cumsel_rows(q: torch.Tensor, k: torch.Tensor) -> list:
 BLOCK_MEAN_LAUNCHES = ((128, 8), (128, 4), (64, 8), (64, 4))
 """(rows per load, warps) of :func:`blocksieve.ops.head_block_mean.block_mean_triton` tried in ``flexparts`` rows."""
 
+STATS_LAUNCHES = ((128, 4, 3), (128, 8, 3), (256, 4, 2), (256, 8, 2), (256, 16, 3))
+"""(rows per tile, warps, stages) of the first pass with tile masses tried in ``flexparts`` rows (default: 256, 8, 3)."""
+
 
 def flexparts_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     """Time from a CUDA graph of FlexPrefill's per-head pieces at block 128, twice each, alternating:
     the queries' block means (PyTorch's, and the head-masked kernel's with every head on per launch of
-    :data:`BLOCK_MEAN_LAUNCHES` and with every head off), the first pass with and without the tile masses,
+    :data:`BLOCK_MEAN_LAUNCHES` and with every head off), the first pass with and without the tile masses
+    (at its default launch and those of :data:`STATS_LAUNCHES`, ``max_abs_diff`` against the default's),
     and the second pass (diagonals too) without a head mask, with every head on and with every head off;
     ``max_abs_diff`` against PyTorch's means / the unmasked sums."""
     from benchmarks.bench_selection import graph_timed
@@ -172,6 +176,7 @@ def flexparts_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     means = block_mean(q, block)
     bias = last_rows_stats_triton(q, k, block, scale)[0]
     sums = last_rows_sums_triton(q, k, block, scale, bias=bias)
+    stats = last_rows_stats_triton(q, k, block, scale, mass_tile=64)
     variants = [("block_mean torch", lambda: block_mean(q, block), lambda r: (r - means).abs().max().item())]
     for bl, w in BLOCK_MEAN_LAUNCHES:
         variants.append((f"block_mean_triton all on, {bl} rows, {w} warps", lambda bl=bl, w=w: block_mean_triton(q, block, on, bl, w), lambda r: (r - means).abs().max().item()))
@@ -179,6 +184,11 @@ def flexparts_rows(q: torch.Tensor, k: torch.Tensor) -> list:
         ("block_mean_triton all off", lambda: block_mean_triton(q, block, off), None),
         ("stats pass", lambda: last_rows_stats_triton(q, k, block, scale), None),
         ("stats pass with tile masses", lambda: last_rows_stats_triton(q, k, block, scale, mass_tile=64), None),
+    ]
+    for pack, w, st in STATS_LAUNCHES:
+        label = f"stats pass with tile masses, {pack} rows per tile, {w} warps, {st} stages"
+        variants.append((label, lambda pack=pack, w=w, st=st: last_rows_stats_triton(q, k, block, scale, 64, pack, w, st), lambda r: largest_difference(r, stats)))
+    variants += [
         ("sums pass, no head mask", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias), lambda r: largest_difference(r, sums)),
         ("sums pass, every head on", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias, head_mask=on), lambda r: largest_difference(r, sums)),
         ("sums pass, every head off", lambda: last_rows_sums_triton(q, k, block, scale, bias=bias, head_mask=off), None),
