@@ -21,6 +21,7 @@
 * ``flexparts`` rows — FlexPrefill's pieces that run for some heads only (:func:`flexparts_rows`): the
   queries' block means, the first pass with its tile masses, the second pass under a head mask;
 * ``prefix`` rows — the chosen diagonals' prefix sums in two levels against one ``cumsum`` (:func:`prefix_rows`);
+* ``search`` rows — FlexPrefill's threshold search per digit width, step and programs per SM (:func:`search_rows`);
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
   total kernel time, kernel count, and the kernels grouped by name, largest first.
@@ -203,6 +204,37 @@ def flexparts_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
+SEARCH_LAUNCHES = ((2, 1024, 4), (2, 2048, 4), (2, 1024, 8), (2, 2048, 8), (4, 512, 4), (4, 1024, 4))
+"""(bits per digit, entries per step, programs per SM) of :func:`blocksieve.ops.mass_threshold.cumulative_mask_triton`
+tried in ``search`` rows (the first is the default)."""
+
+
+def search_rows(q: torch.Tensor, k: torch.Tensor) -> list:
+    """Time from a CUDA graph of FlexPrefill's threshold search over its stacked column and diagonal sums
+    (block 128, every head, gamma 0.9) per launch of :data:`SEARCH_LAUNCHES`, twice each, alternating;
+    ``same_mask`` against the default launch's mask."""
+    from unittest import mock
+
+    from benchmarks.bench_selection import graph_timed
+    from blocksieve.ops import mass_threshold as mt
+    from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+
+    b, hq, n, d = q.shape
+    sums = torch.empty(2, b, hq, n, dtype=torch.float32, device=q.device)
+    last_rows_sums_triton(q, k, 128, d**-0.5, out=sums)
+    ref = mt.cumulative_mask_triton(sums, 0.9)
+    rows = []
+    for rep in range(2):
+        for bits, block, per_sm in SEARCH_LAUNCHES:
+            with mock.patch.multiple(mt, DIGIT_BITS=bits, PASSES=32 // bits, BLOCK=block, PROGRAMS_PER_SM=per_sm):
+                fn = lambda: mt.cumulative_mask_triton(sums, 0.9)  # noqa: E731
+                row = {"kind": "search", "L": n, "digit_bits": bits, "block": block, "programs_per_sm": per_sm, "rep": rep}
+                row.update(graph_ms=graph_timed(fn), same_mask=torch.equal(fn(), ref))
+            rows.append(row)
+            log(row)
+    return rows
+
+
 def prefix_rows(q: torch.Tensor) -> list:
     """Time from a CUDA graph of the chosen diagonals' prefix sums (:func:`blocksieve.ops.last_rows_stats.slash_prefix_sums`,
     two levels) against one ``cumsum`` per head, for random masks ``[1, Hq, L]`` at key blocks of 64
@@ -259,6 +291,7 @@ def main(argv=None):
         res["rows"] += cumsel_rows(q, k) if "cumsel" in parts else []
         res["rows"] += flexparts_rows(q, k) if "flexparts" in parts else []
         res["rows"] += prefix_rows(q) if "prefix" in parts else []
+        res["rows"] += search_rows(q, k) if "search" in parts else []
         for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]
             fn = plan_fn(blocksieve.method(name, **cfg), q, k)

@@ -78,20 +78,22 @@ selection took 4.28 ms at 32K with the search (1.18 ms from a CUDA graph) agains
 sort before that session, and 4.39 ms at 128K against 5.87. Between the two lengths it was not measured."""
 
 
-def vertical_slash_sets(col_sums: torch.Tensor, diag_sums: torch.Tensor, gamma: float, heads_on: torch.Tensor | None = None) -> tuple:
+def vertical_slash_sets(sums: torch.Tensor, gamma: float, heads_on: torch.Tensor | None = None) -> tuple:
     """``(columns, diagonals)`` bool ``[B, H, Lkv]``: the smallest sets of each whose mass reaches ``gamma``.
 
-    ``col_sums`` / ``diag_sums`` fp32 ``[B, H, Lkv]``, on the kernel path. One
-    :func:`~blocksieve.ops.mass_threshold.cumulative_mask_triton` over both (stacked) under CUDA-graph
-    capture, for rows of at least :data:`EAGER_SEARCH_MIN_KEYS`, and under ``TRITON_INTERPRET=1``;
-    otherwise the sort of :func:`~blocksieve.select.choose.cumulative_mask`. The two agree up to
-    entries tied with the last one kept (the search keeps them all). ``heads_on`` (bool ``[B, H]``):
-    the heads whose sets are wanted; the others' sums are not read (they may hold anything) and
-    their sets are empty.
+    ``sums`` fp32 ``[2, B, H, Lkv]``: the column sums (``sums[0]``) and the diagonal sums, stacked
+    (:func:`~blocksieve.ops.last_rows_stats.last_rows_sums_triton` writes them so with ``out=``), on
+    the kernel path. One :func:`~blocksieve.ops.mass_threshold.cumulative_mask_triton` over both
+    under CUDA-graph capture, for rows of at least :data:`EAGER_SEARCH_MIN_KEYS`, and under
+    ``TRITON_INTERPRET=1``; otherwise the sort of :func:`~blocksieve.select.choose.cumulative_mask`.
+    The two agree up to entries tied with the last one kept (the search keeps them all). ``heads_on``
+    (bool ``[B, H]``): the heads whose sets are wanted; the others' sums are not read (they may hold
+    anything) and their sets are empty.
     """
     from blocksieve.ops.mass_threshold import cumulative_mask_triton
 
-    sums = torch.stack((col_sums, diag_sums))
+    if sums.dim() != 4 or sums.shape[0] != 2:
+        raise ValueError(f"sums must be [2, B, H, Lkv] (the column sums, then the diagonal sums), got {tuple(sums.shape)}")
     rows_on = None if heads_on is None else heads_on.expand(2, *heads_on.shape)
     if sums.is_cuda and sums.shape[-1] < EAGER_SEARCH_MIN_KEYS and not torch.cuda.is_current_stream_capturing():
         if rows_on is None:
@@ -207,9 +209,9 @@ class FlexPrefill(SparseMethod):
         lkv = k.shape[2]
         nq, nk = -(-lq // c.block), -(-lkv // c.block)
         kp = block_mean(k, c.block)
-        use_qa, col_sums, diag_sums = self._tested_sums(q, k, kp)
+        use_qa, sums = self._tested_sums(q, k, kp)
         qp = block_mean_triton(q, c.block, head_mask=use_qa)  # the query-aware heads' alone
-        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.gamma, heads_on=~use_qa)
+        cols, slashes = vertical_slash_sets(sums, c.gamma, heads_on=~use_qa)
         cols[..., 0] = True  # the first block
         slashes[..., 0] = True  # diagonal 0 crosses exactly the diagonal blocks
         first = torch.zeros(nq, 1, dtype=torch.long, device=q.device)
@@ -223,7 +225,8 @@ class FlexPrefill(SparseMethod):
         return BlockLayout(ids, counts, c.block, c.block, lq, lkv, True)
 
     def _tested_sums(self, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor) -> tuple:
-        """:meth:`query_aware_heads` on the kernel path, with the column and diagonal sums of the vertical-slash heads only.
+        """``(use_query_aware bool [B, Hq], sums fp32 [2, B, Hq, Lkv])``: :meth:`query_aware_heads` on the
+        kernel path, with the column and diagonal sums (stacked) of the vertical-slash heads only.
 
         The test needs only each key block's mass, which the first pass gives per key tile
         (:func:`~blocksieve.ops.last_rows_stats.last_rows_stats_triton`); the second pass, the
@@ -235,11 +238,14 @@ class FlexPrefill(SparseMethod):
 
         c = self.config
         if c.block % 16:
-            return self.query_aware_heads(q, k, kp)
-        d, nk = q.shape[-1], -(-k.shape[2] // c.block)
+            use_qa, cols, diags = self.query_aware_heads(q, k, kp)
+            return use_qa, torch.stack((cols, diags))
+        (b, hq, _, d), lkv = q.shape, k.shape[2]
+        nk = -(-lkv // c.block)
         tile = math.gcd(c.block, BLOCK_N)
         bias, tile_mass = last_rows_stats_triton(q, k, c.block, d**-0.5, mass_tile=tile)
         block_mass = torch.nn.functional.pad(tile_mass, (0, nk * (c.block // tile) - tile_mass.shape[-1])).unflatten(-1, (nk, -1)).sum(-1)
         use_qa = self._js_test(block_mass, q, k, kp)
-        cols, diags = last_rows_sums_triton(q, k, c.block, d**-0.5, bias=bias, head_mask=~use_qa)
-        return use_qa, cols, diags
+        sums = torch.empty(2, b, hq, lkv, dtype=torch.float32, device=q.device)
+        last_rows_sums_triton(q, k, c.block, d**-0.5, bias=bias, head_mask=~use_qa, out=sums)
+        return use_qa, sums

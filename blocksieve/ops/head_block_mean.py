@@ -22,12 +22,13 @@ from blocksieve.ops.alloc import empty_output
 __all__ = ["block_mean_triton"]
 
 BLOCK_L = 128
-"""Most rows per load (a 128-row block of bf16 ``d = 128`` in one 32 KiB load). With 64 rows per load and
-4 warps the kernel took 0.53 ms for every head's queries at 128K tokens (H100, session 22,
-``selection_profile_h100_s22_call2.json``), against about 0.37 ms for PyTorch's reduction: two
-dependent loads per program left too few bytes in flight. This launch (one load, 8 warps) was not
-yet timed."""
-NUM_WARPS = 8
+"""Most rows per load (a 128-row block of bf16 ``d = 128`` in one 32 KiB load)."""
+NUM_WARPS = 4
+"""Warps per program. H100, session 23 (``selection_profile_h100_s23_call1.json``, ``flexparts`` rows, CUDA
+graphs, every head's queries, block 128): 0.410-0.411 / 0.117-0.128 ms at 128K / 32K tokens with 128
+rows per load and 4 warps, against 0.508-0.512 / 0.141-0.144 with 8 warps and 0.526-0.533 / 0.149-0.160
+with 64 rows per load (4 or 8 warps); PyTorch's :func:`~blocksieve.select.pool.block_mean` took
+0.377-0.430 / 0.105-0.107 (it reads every head; this kernel 0.031-0.034 / 0.018-0.019 with every head off)."""
 
 
 @triton.jit

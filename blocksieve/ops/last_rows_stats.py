@@ -22,9 +22,9 @@ larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the pa
    form a band of ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each
    row of ``p`` so that a diagonal becomes a column (the rotation is the same for every chunk), a
    masked reduction over rows per chunk gives the band, and each program stores its own band (no
-   atomics). Neighbouring bands overlap; :func:`_add_bands` adds them in PyTorch in a
-   fixed order, so the result is deterministic. Given a head mask, a pass of heads that are all off
-   reads no key tile (their sums stay unwritten).
+   atomics). Neighbouring bands overlap; :func:`_band_sum_kernel` adds them in a fixed order, so the
+   result is deterministic, and writes the diagonal sums in place. Given a head mask, a pass of heads
+   that are all off reads no key tile (their sums stay unwritten).
 
 Memory: ``O(B · Hq · Lkv)`` fp32 (the band partials are ``⌈(R + BLOCK_N - 1) / BLOCK_N⌉ · Lkv`` per
 head); no host synchronisation, so the call can be captured in a CUDA graph.
@@ -78,6 +78,12 @@ PROGRAMS_PER_SM = 4
 """Programs per SM the key tiles are spread over (a span of tiles each). vertical_slash's selection
 (H100, session 19, ``last_rows_ab_h100_s19_call1.json``) took 0.695-0.696 ms at 32K with 4, 0.684-0.685
 with 2, 0.712-0.714 with 8, 0.757 with 16; at 128K 2.79-2.85 ms with 4 and 2.82-2.90 with the others."""
+STATS_LAUNCH = (4, 2)
+"""(warps, pipeline stages) of :func:`last_rows_stats_triton` (the first pass alone). H100, session 23
+(``selection_profile_h100_s23_call1.json``, ``flexparts`` rows, CUDA graphs, FlexPrefill's 128 rows
+with tile masses, two heads per 256-row tile): 0.521-0.524 / 0.167-0.175 ms at 128K / 32K against
+0.588 / 0.192-0.195 with the sums pass's 8 warps and 3 stages (128 rows per tile, 4 warps, 3 stages:
+0.554-0.558 / 0.177-0.187; 16 warps: 0.613 / 0.194-0.195)."""
 TILE_MASS_ENTRIES = 4096
 """(tile, row) entries per program of :func:`_tile_mass_kernel`."""
 LAYOUT_TILE = 256
@@ -186,32 +192,33 @@ def _sums_kernel(
         p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
         b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
         b_bias = tl.load(BIAS + bh * rows + o_r, mask=m_r, other=0.0)  # [BP] m + log2(l): p = exp2(s - bias)
-        n_run = tiles_per_span
+        run = True
         if HAS_HEAD_MASK:  # a pass of heads that are all off reads no key tile
-            n_run = tl.where(tl.max(tl.load(HEADS_ON + bh_h, mask=m_h, other=0).to(tl.int32), 0) > 0, n_run, 0)
-        for t in range(n_run):
-            i_t = i_s * tiles_per_span + t
-            o_key = i_t * BLOCK_N + o_c  # [BN]
-            m_key = o_key < kv_len
-            p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
-            b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
-            m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BP, BN]
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
-            b_p = tl.where(m_vis, tl.exp2(b_s - b_bias[:, None]), 0.0)  # [BP, BN]
-            col = tl.sum(tl.reshape(b_p, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]: each head's rows
-            tl.store(COLS + bh_h[:, None] * kv_len + o_key[None, :], col, mask=m_h[:, None] & m_key[None, :])
-            if DIAGONALS:
-                m_tile = m_h[:, None] & (o_key < n_tiles * BLOCK_N)[None, :]  # the last span may run past the last tile
-                # band offset e = c · BLOCK_N + f = (kv_len - 1 - first key of the tile) - d; row t meets it at column
-                # t + e - (rows - 1), the same column mod BLOCK_N for every chunk c: one gather rotates each row,
-                # and each entry lands in the one chunk c that puts the column inside the tile
-                o_rot = (o_r[:, None] + o_c[None, :] + (N_CHUNKS * BLOCK_N - rows + 1)) % BLOCK_N  # [BP, BN]
-                b_g = tl.gather(b_p, o_rot, 1)  # [BP, BN]
-                o_chunk = (o_rot - o_c[None, :] - o_r[:, None] + rows - 1) // BLOCK_N  # [BP, BN] (rows past `rows` hold zeros)
-                for c in tl.static_range(N_CHUNKS):
-                    part = tl.sum(tl.reshape(tl.where(o_chunk == c, b_g, 0.0), [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
-                    o_e = c * BLOCK_N + o_c  # [BN]
-                    tl.store(BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e[None, :], part, mask=m_tile)
+            run = tl.max(tl.load(HEADS_ON + bh_h, mask=m_h, other=0).to(tl.int32), 0) > 0
+        if run:
+            for t in range(tiles_per_span):
+                i_t = i_s * tiles_per_span + t
+                o_key = i_t * BLOCK_N + o_c  # [BN]
+                m_key = o_key < kv_len
+                p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
+                b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
+                m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BP, BN]
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
+                b_p = tl.where(m_vis, tl.exp2(b_s - b_bias[:, None]), 0.0)  # [BP, BN]
+                col = tl.sum(tl.reshape(b_p, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]: each head's rows
+                tl.store(COLS + bh_h[:, None] * kv_len + o_key[None, :], col, mask=m_h[:, None] & m_key[None, :])
+                if DIAGONALS:
+                    m_tile = m_h[:, None] & (o_key < n_tiles * BLOCK_N)[None, :]  # the last span may run past the last tile
+                    # band offset e = c · BLOCK_N + f = (kv_len - 1 - first key of the tile) - d; row t meets it at column
+                    # t + e - (rows - 1), the same column mod BLOCK_N for every chunk c: one gather rotates each row,
+                    # and each entry lands in the one chunk c that puts the column inside the tile
+                    o_rot = (o_r[:, None] + o_c[None, :] + (N_CHUNKS * BLOCK_N - rows + 1)) % BLOCK_N  # [BP, BN]
+                    b_g = tl.gather(b_p, o_rot, 1)  # [BP, BN]
+                    o_chunk = (o_rot - o_c[None, :] - o_r[:, None] + rows - 1) // BLOCK_N  # [BP, BN] (rows past `rows` hold zeros)
+                    for c in tl.static_range(N_CHUNKS):
+                        part = tl.sum(tl.reshape(tl.where(o_chunk == c, b_g, 0.0), [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
+                        o_e = c * BLOCK_N + o_c  # [BN]
+                        tl.store(BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e[None, :], part, mask=m_tile)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, rows: int) -> None:
@@ -240,17 +247,31 @@ def kernel_supports(q: torch.Tensor, k: torch.Tensor, rows: int) -> bool:
     return dtype_ok and 0 < min(rows, lq) <= MAX_ROWS and d <= MAX_HEAD_DIM and lq <= k.shape[2] and q.shape[1] % k.shape[1] == 0
 
 
-def _add_bands(bands: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """Overlapping per-tile bands ``[B, H, NT, C, BLOCK_N]`` → diagonal sums ``[B, H, Lkv]``.
+@triton.jit
+def _band_sum_kernel(BANDS, OUT, HEADS_ON, kv_len, n_tiles, N_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, HAS_HEAD_MASK: tl.constexpr):
+    """Overlapping per-tile bands ``[B, H, NT, N_CHUNKS, BLOCK_N]`` → diagonal sums ``[B, H, Lkv]``.
 
-    Tile ``t``'s offset ``e = c · BLOCK_N + f`` is diagonal ``d = Lkv - 1 - (t + c) · BLOCK_N - f``,
-    so chunk ``c`` of tile ``t`` lands on reversed block ``t + c``: ``C`` shifted adds.
-    """
-    b, h, nt, nc, bn = bands.shape
-    rev = bands.new_zeros(b, h, nt + nc - 1, bn)
-    for c in range(nc):
-        rev[:, :, c : c + nt] += bands[:, :, :, c]
-    return rev.flatten(2)[..., :kv_len].flip(-1)
+    Tile ``t``'s offset ``e = c · BLOCK_N + f`` is diagonal ``d = Lkv - 1 - (t + c) · BLOCK_N - f``:
+    diagonal ``d`` adds chunk ``c`` of tile ``u - c`` at ``f``, with ``u · BLOCK_N + f = Lkv - 1 - d``,
+    for ``c = 0, 1, ...`` in that order (a fixed order: the sums are deterministic)."""
+    i_d = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] diagonals
+    i_bh = tl.program_id(1).to(tl.int64)
+    if HAS_HEAD_MASK:
+        if tl.load(HEADS_ON + i_bh) == 0:
+            return  # this head's sums are not wanted
+    m_d = i_d < kv_len
+    i_rev = tl.where(m_d, kv_len - 1 - i_d, 0)
+    i_u, i_f = i_rev // BLOCK_N, i_rev % BLOCK_N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for c in tl.static_range(N_CHUNKS):
+        i_t = i_u - c
+        m_t = m_d & (i_t >= 0) & (i_t < n_tiles)
+        acc += tl.load(BANDS + ((i_bh * n_tiles + i_t) * N_CHUNKS + c) * BLOCK_N + i_f, mask=m_t, other=0.0)
+    tl.store(OUT + i_bh * kv_len + i_d, acc, mask=m_d)
+
+
+BAND_SUM_BLOCK = 1024
+"""Diagonals per program of :func:`_band_sum_kernel`."""
 
 
 def default_launch(diagonals: bool, rows: int, tile_rows: int) -> tuple:
@@ -360,7 +381,8 @@ def last_rows_stats_triton(
         q, k, rows, scale: as for :func:`last_rows_sums_triton`.
         mass_tile: keys per tile of the tile masses (a power of two from 16 to 256; also the pass's
             key tile), or ``None`` for the normalisers alone (the pass then tiles by :data:`BLOCK_N`).
-        pack_rows, num_warps, num_stages: launch knobs; default those of the diagonal sums' pass.
+        pack_rows, num_warps, num_stages: launch knobs; default the diagonal sums' rows per tile and
+            :data:`STATS_LAUNCH`.
     Returns:
         ``(bias [B, Hq, R], tile_mass [B, Hq, ceil(Lkv / mass_tile)] or None)`` fp32: ``bias`` is the
         log2 of each row's softmax normaliser (``p = exp2(s · scale · log2 e - bias)``), ``tile_mass``
@@ -370,7 +392,7 @@ def last_rows_stats_triton(
     _check(q, k, rows)
     q, k = _contiguous_rows(q, k)
     r = min(rows, q.shape[2])
-    meta = _launch(q, k, r, True, mass_tile, pack_rows, num_warps, num_stages)
+    meta = _launch(q, k, r, True, mass_tile, pack_rows, num_warps or STATS_LAUNCH[0], num_stages or STATS_LAUNCH[1])
     return _row_stats(q, k, r, scale, meta, mass_tile is not None)
 
 
@@ -387,6 +409,7 @@ def last_rows_sums_triton(
     num_stages: int | None = None,
     bias: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple:
     """Column and diagonal sums of the last ``R = min(rows, Lq)`` rows' causal softmax (module docstring).
 
@@ -403,9 +426,12 @@ def last_rows_sums_triton(
             skips the first pass; computed here when ``None``.
         head_mask: bool ``[B, Hq]``: the second pass reads keys only for passes of heads with some head
             on, and the sums of the heads off are left unwritten (undefined); ``None``: every head.
+        out: with ``diagonals``, a contiguous fp32 ``[2, B, Hq, Lkv]`` to write the column sums into
+            (``out[0]``) and the diagonal sums (``out[1]``), for a caller that needs them stacked
+            (FlexPrefill's threshold search); new tensors when ``None``.
     Returns:
         ``(cols [B, Hq, Lkv], diags [B, Hq, Lkv] or None)`` fp32, as ``last_rows_probs(...).sum(2)`` and
-        ``slash_sums(last_rows_probs(...), Lq, Lkv)``.
+        ``slash_sums(last_rows_probs(...), Lq, Lkv)`` (views of ``out`` when given).
     """
     _check(q, k, rows)
     b, hq, lq, _ = q.shape
@@ -422,14 +448,31 @@ def last_rows_sums_triton(
     n_tiles = math.ceil(lkv / block_n)
     tiles_per_span, n_span = _spans(n_tiles, q, b * hkv)
     n_chunks = math.ceil((meta["BLOCK_R"] + block_n - 1) / block_n)
-    cols = empty_output(b, hq, lkv, dtype=torch.float32, device=q.device)
-    bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else cols
+    sums = _sums_out(out, diagonals, b, hq, lkv, q.device)
+    bands = empty_output(b, hq, n_tiles, n_chunks, block_n, dtype=torch.float32, device=q.device) if diagonals else sums
     _sums_kernel[(n_span, b * hkv)](
-        q, k, bias.contiguous(), cols, bands, heads_on, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, bias.contiguous(), sums, bands, heads_on, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lq, lkv, r, hkv, hq // hkv, n_tiles, tiles_per_span, float(scale) * LOG2E,
         N_CHUNKS=n_chunks, DIAGONALS=diagonals, HAS_HEAD_MASK=head_mask is not None, **meta,
     )  # fmt: skip
-    return cols, (_add_bands(bands, lkv) if diagonals else None)
+    if not diagonals:
+        return sums, None
+    _band_sum_kernel[(math.ceil(lkv / BAND_SUM_BLOCK), b * hq)](
+        bands, sums[1], heads_on, lkv, n_tiles, N_CHUNKS=n_chunks, BLOCK_N=block_n, BLOCK=BAND_SUM_BLOCK, HAS_HEAD_MASK=head_mask is not None
+    )  # fmt: skip
+    return sums[0], sums[1]
+
+
+def _sums_out(out: torch.Tensor | None, diagonals: bool, b: int, hq: int, lkv: int, device) -> torch.Tensor:
+    """The column sums' output ``[B, Hq, Lkv]``, or with ``diagonals`` both sums' ``[2, B, Hq, Lkv]`` (``out``, checked, or new)."""
+    shape = (2, b, hq, lkv) if diagonals else (b, hq, lkv)
+    if out is None:
+        return empty_output(*shape, dtype=torch.float32, device=device)
+    if not diagonals:
+        raise ValueError("out holds the column and the diagonal sums: pass diagonals=True with it, or out=None")
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [2, B={b}, Hq={hq}, Lkv={lkv}] on {device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
 
 
 @triton.jit
@@ -472,21 +515,27 @@ def _vertical_slash_layout_kernel(
         tl.store(p_row + o_s, -1, mask=(o_s >= count) & (o_s < width))
 
 
+PREFIX_INNER = 128
+"""Offsets per row of the inner level of :func:`slash_prefix_sums`. H100, session 23 (``selection_profile_h100_s23_call1.json``,
+``prefix`` rows, CUDA graphs, 32 heads): at 128K keys the two levels took 0.060 ms with rows of 128
+and 0.40 with rows of 64 (PyTorch's scan of many short rows), one ``cumsum`` 0.196; at 32K 0.035-0.040
+either way, one ``cumsum`` 0.054-0.061."""
+
+
 def slash_prefix_sums(slashes: torch.Tensor, block_k: int) -> torch.Tensor:
     """Inclusive prefix sums of ``slashes`` (bool ``[B, H, Lkv]``) padded to whole blocks: int32 ``[B, H, NK · block_k]``.
 
-    Two levels (within each block of ``block_k`` offsets, then over the blocks' totals): one
-    ``cumsum`` over rows of ``Lkv`` entries, the shape of ``B · H`` long rows, is a slow scan on CUDA
-    (0.19 ms at 128K keys and 32 heads on an H100, session 20's FlexPrefill profile). The two levels
-    were not timed alone: with two other changes FlexPrefill's selection went from 4.15-4.20 to
-    3.93-3.98 ms at 128K (session 21, ``ab_trees_h100_s21_call1.json``).
+    Two levels (within each row of :data:`PREFIX_INNER` offsets, then over the rows' totals),
+    whatever ``block_k``: one ``cumsum`` over rows of ``Lkv`` entries, the shape of ``B · H`` long
+    rows, is a slow scan on CUDA (see :data:`PREFIX_INNER`). Offsets past ``Lkv`` hold the row's total.
     """
     b, h, lkv = slashes.shape
-    nk = -(-lkv // block_k)
-    s = torch.nn.functional.pad(slashes, (0, nk * block_k - lkv)).reshape(b, h, nk, block_k)
-    within = s.cumsum(-1, dtype=torch.int32)  # [B, H, NK, BK]
-    before = within[..., -1].cumsum(-1, dtype=torch.int32) - within[..., -1]  # [B, H, NK] offsets in earlier blocks
-    return (within + before[..., None]).reshape(b, h, nk * block_k)
+    width = -(-lkv // block_k) * block_k
+    n_inner = -(-width // PREFIX_INNER)
+    s = torch.nn.functional.pad(slashes, (0, n_inner * PREFIX_INNER - lkv)).reshape(b, h, n_inner, PREFIX_INNER)
+    within = s.cumsum(-1, dtype=torch.int32)  # [B, H, N, PREFIX_INNER]
+    before = within[..., -1].cumsum(-1, dtype=torch.int32) - within[..., -1]  # [B, H, N] offsets in earlier rows
+    return (within + before[..., None]).reshape(b, h, n_inner * PREFIX_INNER)[..., :width]
 
 
 @on_input_device

@@ -127,20 +127,25 @@ def test_flexprefill_rejects_bad_config():
 def test_vertical_slash_sets_equal_the_sort_rule():
     """Both branches of ``vertical_slash_sets`` (the search; on CUDA outside a graph at this length, the sort)
     keep the sort's sets on sums without ties."""
-    col_sums, diag_sums = torch.rand(2, 3, 500, device=DEVICE) ** 3, torch.rand(2, 3, 500, device=DEVICE) ** 3
-    cols, diags = vertical_slash_sets(col_sums, diag_sums, 0.8)
-    assert torch.equal(cols.cpu(), cumulative_mask(col_sums.cpu(), 0.8)) and torch.equal(diags.cpu(), cumulative_mask(diag_sums.cpu(), 0.8))
+    sums = torch.rand(2, 2, 3, 500, device=DEVICE) ** 3
+    cols, diags = vertical_slash_sets(sums, 0.8)
+    assert torch.equal(cols.cpu(), cumulative_mask(sums[0].cpu(), 0.8)) and torch.equal(diags.cpu(), cumulative_mask(sums[1].cpu(), 0.8))
 
 
 def test_vertical_slash_sets_of_some_heads():
     """Heads off get empty sets and their sums are not read (NaN here), on both branches."""
-    col_sums, diag_sums = torch.rand(2, 3, 500, device=DEVICE) ** 3, torch.rand(2, 3, 500, device=DEVICE) ** 3
+    sums = torch.rand(2, 2, 3, 500, device=DEVICE) ** 3
     on = torch.tensor([[True, False, True], [False, True, False]], device=DEVICE)
-    want = vertical_slash_sets(col_sums, diag_sums, 0.8)
-    col_sums[~on], diag_sums[~on] = float("nan"), float("nan")
-    got = vertical_slash_sets(col_sums, diag_sums, 0.8, heads_on=on)
+    want = vertical_slash_sets(sums, 0.8)
+    sums[:, ~on] = float("nan")
+    got = vertical_slash_sets(sums, 0.8, heads_on=on)
     for g, w in zip(got, want):
         assert torch.equal(g[on], w[on]) and not g[~on].any()
+
+
+def test_vertical_slash_sets_rejects_unstacked_sums():
+    with pytest.raises(ValueError, match=r"sums must be \[2, B, H, Lkv\]"):
+        vertical_slash_sets(torch.rand(2, 3, 500, device=DEVICE), 0.8)
 
 
 @pytest.mark.parametrize("block", [24, 48], ids=["no-tile-divides", "three-tiles-per-block"])

@@ -9,7 +9,7 @@ ON_CUDA = torch.cuda.is_available()  # on the CPU, tests/conftest.py turns on TR
 import pytest
 
 import blocksieve
-from blocksieve.ops.alloc import poisoned_outputs
+from blocksieve.ops.alloc import empty_output, poisoned_outputs
 from blocksieve.ops._triton_utils import heads_per_pass
 from blocksieve.ops.last_rows_stats import (
     BLOCK_N,
@@ -162,7 +162,7 @@ def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, 
     got.validate()
 
 
-@pytest.mark.parametrize("lkv,block_k", [(300, 64), (256, 16), (5, 8)])
+@pytest.mark.parametrize("lkv,block_k", [(300, 64), (256, 16), (5, 8), (1000, 256), (129, 128)])
 def test_slash_prefix_sums_equal_one_cumsum(lkv, block_k):
     slashes = torch.rand(2, 3, lkv, device=DEVICE) < 0.3
     got = slash_prefix_sums(slashes, block_k)
@@ -235,6 +235,21 @@ def test_head_mask_writes_the_sums_of_its_heads_only():
     assert cols[~on].isnan().all() and diags[~on].isnan().all()  # unwritten (the bands' sums of NaN stay NaN)
     assert torch.allclose(packed[0][on], all_cols[on], atol=1e-6) and torch.allclose(packed[1][on], all_diags[on], atol=1e-6)
     assert packed[0][1].isnan().all() and not packed[0][0].isnan().any()  # batch 1: no pass has a head on
+    assert packed[1][~on].isnan().all()  # the bands are added for the heads on alone
+
+
+def test_out_takes_both_sums_stacked():
+    q, k, _ = qkv(1, 4, 2, 70, 200, 32, dtype=torch.bfloat16, device=DEVICE)
+    with poisoned_outputs():
+        want = last_rows_sums_triton(q, k, 64, 32**-0.5)
+        out = empty_output(2, 1, 4, 200, dtype=torch.float32, device=DEVICE)
+        got = last_rows_sums_triton(q, k, 64, 32**-0.5, out=out)
+    assert got[0].data_ptr() == out.data_ptr() and got[1].data_ptr() == out[1].data_ptr()
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    with pytest.raises(ValueError, match=r"out must be a contiguous float32 \[2, B=1, Hq=4, Lkv=200\]"):
+        last_rows_sums_triton(q, k, 64, 32**-0.5, out=torch.zeros(1, 4, 200, device=DEVICE))
+    with pytest.raises(ValueError, match="diagonals=True"):
+        last_rows_sums_triton(q, k, 64, 32**-0.5, diagonals=False, out=out)
 
 
 def test_stats_and_masks_reject_bad_arguments():
