@@ -234,6 +234,7 @@ class FlexPrefill(SparseMethod):
         (no key tile divides them) take both passes for every head. The query-aware heads' sums are
         left undefined.
         """
+        from blocksieve.ops.alloc import empty_output
         from blocksieve.ops.last_rows_stats import BLOCK_N, last_rows_stats_triton, last_rows_sums_triton
 
         c = self.config
@@ -246,6 +247,6 @@ class FlexPrefill(SparseMethod):
         bias, tile_mass = last_rows_stats_triton(q, k, c.block, d**-0.5, mass_tile=tile)
         block_mass = torch.nn.functional.pad(tile_mass, (0, nk * (c.block // tile) - tile_mass.shape[-1])).unflatten(-1, (nk, -1)).sum(-1)
         use_qa = self._js_test(block_mass, q, k, kp)
-        sums = torch.empty(2, b, hq, lkv, dtype=torch.float32, device=q.device)
+        sums = empty_output(2, b, hq, lkv, dtype=torch.float32, device=q.device)  # the query-aware heads' stay unwritten
         last_rows_sums_triton(q, k, c.block, d**-0.5, bias=bias, head_mask=~use_qa, out=sums)
         return use_qa, sums
