@@ -78,6 +78,12 @@ selection took 4.28 ms at 32K with the search (1.18 ms from a CUDA graph) agains
 sort before that session, and 4.39 ms at 128K against 5.87. Between the two lengths it was not measured."""
 
 
+def sum_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``[..., N]`` → ``[..., ceil(N / group)]``: sums of consecutive runs of ``group`` entries (the last run may be short)."""
+    n = -(-x.shape[-1] // group)
+    return torch.nn.functional.pad(x, (0, n * group - x.shape[-1])).unflatten(-1, (n, group)).sum(-1)
+
+
 def vertical_slash_sets(sums: torch.Tensor, gamma: float, heads_on: torch.Tensor | None = None) -> tuple:
     """``(columns, diagonals)`` bool ``[B, H, Lkv]``: the smallest sets of each whose mass reaches ``gamma``.
 
@@ -149,10 +155,8 @@ class FlexPrefill(SparseMethod):
         ``kp`` is ``mean_pool(k, block)`` when the caller already has it.
         """
         c = self.config
-        lkv, nk = k.shape[2], -(-k.shape[2] // c.block)
         cols, diags = last_rows_sums(q, k, c.block, q.shape[-1] ** -0.5, c.backend)  # Σ over the R rows of their probabilities
-        block_mass = torch.nn.functional.pad(cols, (0, nk * c.block - lkv)).unflatten(-1, (nk, c.block)).sum(-1)
-        return self._js_test(block_mass, q, k, kp), cols, diags
+        return self._js_test(sum_groups(cols, c.block), q, k, kp), cols, diags
 
     def _js_test(self, block_mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, kp: torch.Tensor | None) -> torch.Tensor:
         """``use_query_aware`` bool ``[B, Hq]`` from ``block_mass [B, Hq, NK]``, the last rows' probabilities summed per key block."""
@@ -242,11 +246,9 @@ class FlexPrefill(SparseMethod):
             use_qa, cols, diags = self.query_aware_heads(q, k, kp)
             return use_qa, torch.stack((cols, diags))
         (b, hq, _, d), lkv = q.shape, k.shape[2]
-        nk = -(-lkv // c.block)
         tile = math.gcd(c.block, BLOCK_N)
         bias, tile_mass = last_rows_stats_triton(q, k, c.block, d**-0.5, mass_tile=tile)
-        block_mass = torch.nn.functional.pad(tile_mass, (0, nk * (c.block // tile) - tile_mass.shape[-1])).unflatten(-1, (nk, -1)).sum(-1)
-        use_qa = self._js_test(block_mass, q, k, kp)
+        use_qa = self._js_test(sum_groups(tile_mass, c.block // tile), q, k, kp)
         sums = empty_output(2, b, hq, lkv, dtype=torch.float32, device=q.device)  # the query-aware heads' stay unwritten
         last_rows_sums_triton(q, k, c.block, d**-0.5, bias=bias, head_mask=~use_qa, out=sums)
         return use_qa, sums
