@@ -20,7 +20,6 @@
   256-2048 row entries per warp of the cumulative-mass kernel (:func:`cumsel_rows`);
 * ``flexparts`` rows — FlexPrefill's pieces that run for some heads only (:func:`flexparts_rows`): the
   queries' block means, the first pass with its tile masses, the second pass under a head mask;
-* ``prefix`` rows — the chosen diagonals' prefix sums in two levels against one ``cumsum`` (:func:`prefix_rows`);
 * ``search`` rows — FlexPrefill's threshold search per digit width, step and programs per SM (:func:`search_rows`);
 * ``profile`` rows — the GPU kernels of one eager selection (``plan`` for PBS and S2O) of each
   method of :mod:`benchmarks.bench_selection` on its structured synthetic inputs (torch profiler):
@@ -235,27 +234,6 @@ def search_rows(q: torch.Tensor, k: torch.Tensor) -> list:
     return rows
 
 
-def prefix_rows(q: torch.Tensor) -> list:
-    """Time from a CUDA graph of the chosen diagonals' prefix sums (:func:`blocksieve.ops.last_rows_stats.slash_prefix_sums`,
-    two levels) against one ``cumsum`` per head, for random masks ``[1, Hq, L]`` at key blocks of 64
-    (vertical_slash) and 128 (FlexPrefill), twice each, alternating; ``same`` on the entries both give."""
-    from benchmarks.bench_selection import graph_timed
-    from blocksieve.ops.last_rows_stats import slash_prefix_sums
-
-    b, hq, n, _ = q.shape
-    slashes = torch.rand(b, hq, n, device=q.device) < 0.01
-    rows = []
-    for rep in range(2):
-        for block_k in (64, 128):
-            two = lambda bk=block_k: slash_prefix_sums(slashes, bk)  # noqa: E731
-            one = lambda: slashes.to(torch.int32).cumsum(-1, dtype=torch.int32)  # noqa: E731
-            same = torch.equal(two()[..., :n], one())
-            for label, fn in (("two levels", two), ("one cumsum", one)):
-                rows.append({"kind": "prefix", "L": n, "block_k": block_k, "variant": label, "rep": rep, "graph_ms": graph_timed(fn), "same": same})
-                log(rows[-1])
-    return rows
-
-
 def grouped(timeline: list) -> dict:
     """Kernel time and count per kernel name, largest first."""
     acc = defaultdict(lambda: [0.0, 0])
@@ -290,7 +268,6 @@ def main(argv=None):
         res["rows"] += launch_rows(q, k) if "launch" in parts else []
         res["rows"] += cumsel_rows(q, k) if "cumsel" in parts else []
         res["rows"] += flexparts_rows(q, k) if "flexparts" in parts else []
-        res["rows"] += prefix_rows(q) if "prefix" in parts else []
         res["rows"] += search_rows(q, k) if "search" in parts else []
         for label in args.methods.split(",") if "profile" in parts else ():
             name, cfg = METHODS[label]

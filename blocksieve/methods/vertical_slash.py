@@ -19,8 +19,10 @@ kernel also turns slashes into blocks (and keeps columns token-exact).
 
 ``backend``: ``"auto"`` (default) scores with the Triton kernels of
 :mod:`blocksieve.ops.last_rows_stats` on CUDA (column and diagonal sums without storing the
-``R × Lkv`` probabilities; layout rows written directly) and with PyTorch elsewhere; ``"triton"`` /
-``"torch"`` force one (``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``).
+``R × Lkv`` probabilities, both sets' top-k masks in one :mod:`~blocksieve.ops.topk_select` launch,
+layout rows written directly) and with PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one
+(``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``). Among equal sums the kernel keeps the lowest
+offsets, ``torch.topk`` any.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from blocksieve.layout import BlockLayout
+from blocksieve.ops.alloc import empty_output
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
 from blocksieve.select.choose import topk_mask, vertical_slash_layout
-from blocksieve.select.score import LAST_ROWS_BACKENDS, last_rows_sums
+from blocksieve.select.score import LAST_ROWS_BACKENDS, last_rows_sums, last_rows_use_triton
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,20 @@ class VerticalSlash(SparseMethod):
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
         lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
-        col_sums, diag_sums = last_rows_sums(q, k, c.last_q, d**-0.5, c.backend)
-        cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.vertical_size, c.slash_size, c.sink_columns, c.local_slashes)
+        if last_rows_use_triton(q, k, c.last_q, c.backend):
+            cols, slashes = self._sets_triton(q, k)
+        else:
+            col_sums, diag_sums = last_rows_sums(q, k, c.last_q, d**-0.5, "torch")
+            cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.vertical_size, c.slash_size, c.sink_columns, c.local_slashes)
         return vertical_slash_layout(cols, slashes, c.block_q, c.block_k, lq, lkv, backend=c.backend)
+
+    def _sets_triton(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """:func:`vertical_slash_sets` from the Triton kernels: both sums stacked, both top-ks in one launch."""
+        from blocksieve.ops.last_rows_stats import last_rows_sums_triton
+        from blocksieve.ops.topk_select import topk_mask_triton
+
+        c = self.config
+        sums = empty_output(2, q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32, device=q.device)
+        last_rows_sums_triton(q, k, c.last_q, q.shape[3] ** -0.5, out=sums)
+        chosen = topk_mask_triton(sums, (c.vertical_size, c.slash_size), (c.sink_columns, c.local_slashes))
+        return chosen[0], chosen[1]

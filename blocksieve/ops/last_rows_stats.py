@@ -515,27 +515,39 @@ def _vertical_slash_layout_kernel(
         tl.store(p_row + o_s, -1, mask=(o_s >= count) & (o_s < width))
 
 
-PREFIX_INNER = 128
-"""Offsets per row of the inner level of :func:`slash_prefix_sums`. H100, session 23 (``selection_profile_h100_s23_call1.json``,
-``prefix`` rows, CUDA graphs, 32 heads): at 128K keys the two levels took 0.060 ms with rows of 128
-and 0.40 with rows of 64 (PyTorch's scan of many short rows), one ``cumsum`` 0.196; at 32K 0.035-0.040
-either way, one ``cumsum`` 0.054-0.061."""
+@triton.jit
+def _layout_inputs_kernel(
+    COLS, SLASHES, COL_BLOCKS, CSUM, HEADS_ON, kv_len, nk, block_k,
+    BLOCK_KP: tl.constexpr, BLOCK_M: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
+):  # fmt: skip
+    """One head's inputs of :func:`_vertical_slash_layout_kernel` from its chosen columns and diagonals (bool ``[Lkv]`` each).
+
+    ``COL_BLOCKS [B, H, NK]`` int8: whether key block ``m`` holds a chosen column; ``CSUM [B, H, BK, NK + 1]``
+    int32, residue-major: ``CSUM[r, m]`` = the chosen diagonals ``d < m · BK + r`` (a running
+    ``tl.cumsum`` over tiles of ``BLOCK_M`` blocks, transposed on the way out). ``BLOCK_KP``: ``BK``
+    rounded up to a power of two."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    if HAS_HEAD_MASK:
+        if tl.load(HEADS_ON + i_bh) == 0:
+            return
+    o_m = tl.arange(0, BLOCK_M)  # [BM]
+    o_r = tl.arange(0, BLOCK_KP)  # [BKP]
+    m_r = o_r < block_k
+    carry = 0
+    for m0 in range(0, nk + 1, BLOCK_M):
+        pos = (m0 + o_m)[:, None] * block_k + o_r[None, :]  # [BM, BKP] offsets, one key block per row
+        inside = m_r[None, :] & (pos < kv_len)
+        col = tl.load(COLS + i_bh * kv_len + pos, mask=inside, other=0).to(tl.int32)
+        tl.store(COL_BLOCKS + i_bh * nk + m0 + o_m, tl.max(col, 1).to(tl.int8), mask=m0 + o_m < nk)
+        chosen = tl.load(SLASHES + i_bh * kv_len + pos, mask=inside, other=0).to(tl.int32)
+        before = tl.reshape(tl.cumsum(tl.reshape(chosen, [BLOCK_M * BLOCK_KP]), 0), [BLOCK_M, BLOCK_KP]) - chosen + carry
+        p_out = CSUM + (i_bh * block_k + o_r[None, :]) * (nk + 1) + (m0 + o_m)[:, None]
+        tl.store(p_out, before, mask=m_r[None, :] & (m0 + o_m <= nk)[:, None])
+        carry += tl.sum(tl.sum(chosen, 1), 0)
 
 
-def slash_prefix_sums(slashes: torch.Tensor, block_k: int) -> torch.Tensor:
-    """Inclusive prefix sums of ``slashes`` (bool ``[B, H, Lkv]``) padded to whole blocks: int32 ``[B, H, NK · block_k]``.
-
-    Two levels (within each row of :data:`PREFIX_INNER` offsets, then over the rows' totals),
-    whatever ``block_k``: one ``cumsum`` over rows of ``Lkv`` entries, the shape of ``B · H`` long
-    rows, is a slow scan on CUDA (see :data:`PREFIX_INNER`). Offsets past ``Lkv`` hold the row's total.
-    """
-    b, h, lkv = slashes.shape
-    width = -(-lkv // block_k) * block_k
-    n_inner = -(-width // PREFIX_INNER)
-    s = torch.nn.functional.pad(slashes, (0, n_inner * PREFIX_INNER - lkv)).reshape(b, h, n_inner, PREFIX_INNER)
-    within = s.cumsum(-1, dtype=torch.int32)  # [B, H, N, PREFIX_INNER]
-    before = within[..., -1].cumsum(-1, dtype=torch.int32) - within[..., -1]  # [B, H, N] offsets in earlier rows
-    return (within + before[..., None]).reshape(b, h, n_inner * PREFIX_INNER)[..., :width]
+LAYOUT_INPUT_ENTRIES = 4096
+"""Offsets per step of :func:`_layout_inputs_kernel`."""
 
 
 @on_input_device
@@ -552,10 +564,12 @@ def vertical_slash_layout_triton(
 ) -> tuple:
     """Causal vertical-slash block layout rows, as ``chunked_layout`` over ``vertical_slash_block_mask`` builds them.
 
-    One program per (query block, head) walks the visible key blocks in tiles: a block is kept when
-    it holds a chosen column or a chosen diagonal crosses it (two loads of the diagonals' prefix
-    sums, stored residue-major so the loads are contiguous), and a running ``tl.cumsum`` gives each
-    kept id its slot; slots past ``width`` are dropped (the lowest ids stay), the rest padded with -1.
+    One program per head first writes which key blocks hold a chosen column and the chosen diagonals'
+    prefix counts (:func:`_layout_inputs_kernel`, one launch). Then one program per (query block,
+    head) walks the visible key blocks in tiles: a block is kept when it holds a chosen column or a
+    chosen diagonal crosses it (two loads of the prefix counts, stored residue-major so the loads are
+    contiguous), and a running ``tl.cumsum`` gives each kept id its slot; slots past ``width`` are
+    dropped (the lowest ids stay), the rest padded with -1.
 
     Args:
         columns, slashes: bool ``[B, H, Lkv]`` chosen key positions / diagonal offsets ``d`` (key = pos - d).
@@ -573,11 +587,13 @@ def vertical_slash_layout_triton(
         raise ValueError(f"columns is on {columns.device}: the kernel needs CUDA (or TRITON_INTERPRET=1); use backend='torch'")
     b, h, _ = columns.shape
     nq, nk = math.ceil(q_len / block_q), math.ceil(kv_len / block_k)
-    pad = nk * block_k - kv_len
-    col_blocks = torch.nn.functional.pad(columns, (0, pad)).reshape(b, h, nk, block_k).any(-1).to(torch.int8)
-    csum = torch.nn.functional.pad(slash_prefix_sums(slashes, block_k), (1, block_k - 1))
-    csum = csum.reshape(b, h, nk + 1, block_k).transpose(-1, -2).contiguous()  # [B, H, BK, NK + 1]
     indices, counts, heads_on, has_mask = layout_rows_out(out, head_mask, b, h, nq, width, columns.device)
+    col_blocks = torch.empty(b, h, nk, dtype=torch.int8, device=columns.device)
+    csum = torch.empty(b, h, block_k, nk + 1, dtype=torch.int32, device=columns.device)
+    _layout_inputs_kernel[(b * h,)](
+        columns.contiguous(), slashes.contiguous(), col_blocks, csum, heads_on, kv_len, nk, block_k,
+        BLOCK_KP=next_pow2(block_k), BLOCK_M=max(16, LAYOUT_INPUT_ENTRIES // next_pow2(block_k)), HAS_HEAD_MASK=has_mask,
+    )  # fmt: skip
     _vertical_slash_layout_kernel[(nq, b * h)](
         col_blocks, csum, indices, counts, heads_on, q_len, kv_len, nq, nk, nk + 1, width,
         BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_J=min(LAYOUT_TILE, max(16, next_pow2(nk))), HAS_HEAD_MASK=has_mask,

@@ -68,7 +68,7 @@ def slash_sums(probs: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
 LAST_ROWS_BACKENDS = ("auto", "triton", "torch")
 
 
-def _last_rows_triton(q: torch.Tensor, k: torch.Tensor, rows: int, backend: str) -> bool:
+def last_rows_use_triton(q: torch.Tensor, k: torch.Tensor, rows: int, backend: str) -> bool:
     """Whether :func:`last_rows_sums` runs the Triton kernel: ``"auto"`` picks it on CUDA for the inputs it takes."""
     if backend not in LAST_ROWS_BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {LAST_ROWS_BACKENDS}")
@@ -87,7 +87,7 @@ def last_rows_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, ba
     CUDA) runs :mod:`blocksieve.ops.last_rows_stats`, which never stores the probabilities;
     ``"torch"`` (the default elsewhere) materialises them, ``R · Lkv`` per head.
     """
-    if _last_rows_triton(q, k, rows, backend):
+    if last_rows_use_triton(q, k, rows, backend):
         from blocksieve.ops.last_rows_stats import last_rows_sums_triton
 
         return last_rows_sums_triton(q, k, rows, scale)
@@ -97,7 +97,7 @@ def last_rows_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, ba
 
 def last_rows_column_sums(q: torch.Tensor, k: torch.Tensor, rows: int, scale: float, backend: str = "auto") -> torch.Tensor:
     """``cols`` of :func:`last_rows_sums` alone, ``[B, Hq, Lkv]`` fp32 (the kernel skips the diagonals)."""
-    if _last_rows_triton(q, k, rows, backend):
+    if last_rows_use_triton(q, k, rows, backend):
         from blocksieve.ops.last_rows_stats import last_rows_sums_triton
 
         return last_rows_sums_triton(q, k, rows, scale, diagonals=False)[0]

@@ -104,7 +104,7 @@ def test_flexprefill_triton_rows_equal_torch(monkeypatch, tau):
     use_qa = blocksieve.method("flexprefill", backend="torch", **cfg).query_aware_heads(q, k)[0]
     assert {"all-vs": not use_qa.any(), "mixed": 0 < use_qa.sum() < use_qa.numel(), "all-qa": use_qa.all()}[{0.0: "all-vs", 0.25: "mixed", 10.0: "all-qa"}[tau]]
     real = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *s, dtype=None, device=None: real(*s, dtype=dtype, device=device).fill_(-7 if dtype in (torch.int32, torch.int64) else float("nan")))
+    monkeypatch.setattr(torch, "empty", lambda *s, dtype=None, device=None: real(*s, dtype=dtype, device=device).fill_(-7 if dtype in (torch.int8, torch.int32, torch.int64) else float("nan")))
     got = blocksieve.method("flexprefill", backend="triton", **cfg).select(q.to(DEVICE), k.to(DEVICE))
     got.validate()
     assert 0.05 < want.density() < 0.9

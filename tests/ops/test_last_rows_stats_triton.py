@@ -18,7 +18,6 @@ from blocksieve.ops.last_rows_stats import (
     kernel_supports,
     last_rows_stats_triton,
     last_rows_sums_triton,
-    slash_prefix_sums,
     vertical_slash_layout_triton,
 )
 from blocksieve.select.choose import vertical_slash_layout
@@ -148,10 +147,13 @@ def test_methods_select_the_same_with_the_kernel(name, cfg):
         pytest.param(130, 300, 32, 64, None, 0.01, id="Lq130-Lkv300-bq32-bk64"),
         pytest.param(300, 300, 64, 16, 5, 0.05, id="L300-bq64-bk16-width5"),
         pytest.param(300, 300, 16, 16, None, 0.01, id="L300-bq16-bk16-tiles16"),
+        pytest.param(1000, 1000, 128, 256, None, 0.003, id="L1000-bq128-bk256"),
+        pytest.param(37, 37, 16, 8, None, 0.03, id="L37-bk8"),
     ],
 )
 def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, bk, width, p):
     monkeypatch.setattr("blocksieve.ops.last_rows_stats.LAYOUT_TILE", 16)  # several key-block tiles per row
+    monkeypatch.setattr("blocksieve.ops.last_rows_stats.LAYOUT_INPUT_ENTRIES", 256)  # several tiles of prefix counts per row
     cols, slashes = torch.rand(2, 3, lkv, device=DEVICE) < p, torch.rand(2, 3, lkv, device=DEVICE) < p
     slashes[0, 0] = False  # a head with columns only
     cols[1, 2] = False
@@ -160,17 +162,6 @@ def test_vertical_slash_layout_triton_matches_chunked(monkeypatch, lq, lkv, bq, 
     assert 0.0 < want.density() < 1.0
     assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
     got.validate()
-
-
-@pytest.mark.parametrize("lkv,block_k", [(300, 64), (256, 16), (5, 8), (1000, 256), (129, 128)])
-def test_slash_prefix_sums_equal_one_cumsum(lkv, block_k):
-    slashes = torch.rand(2, 3, lkv, device=DEVICE) < 0.3
-    got = slash_prefix_sums(slashes, block_k)
-    nk = -(-lkv // block_k)
-    want = torch.nn.functional.pad(slashes.long().cumsum(-1), (0, nk * block_k - lkv))
-    want[..., lkv:] = want[..., lkv - 1 : lkv]  # padded offsets hold the row's total
-    assert got.dtype == torch.int32 and got.shape == (2, 3, nk * block_k)
-    assert torch.equal(got.long(), want)
 
 
 def test_vertical_slash_layout_triton_head_mask_fills_only_its_heads():
