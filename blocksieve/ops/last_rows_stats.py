@@ -144,6 +144,23 @@ def _row_stats_kernel(
 
 
 @triton.jit
+def _row_bias_kernel(M, L, BIAS, n_span, rows, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One head's spans of partial stats ``[n_span, R]`` → ``bias = m + log2 l`` per row (``m``: the
+    largest span max, finite since every row sees key 0; ``l = Σ l_s · 2^(m_s - m)``)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_s = tl.arange(0, BLOCK_S)  # [BS]
+    o_r = tl.arange(0, BLOCK_R)  # [BR]
+    inside = (o_s < n_span)[:, None] & (o_r < rows)[None, :]
+    o = (i_bh * n_span + o_s[:, None]) * rows + o_r[None, :]  # [BS, BR]
+    b_m = tl.load(M + o, mask=inside, other=float("-inf"))
+    b_l = tl.load(L + o, mask=inside, other=0.0)
+    m = tl.max(b_m, 0)  # [BR]
+    m = tl.where(o_r < rows, m, 0.0)  # padded rows: finite, and a sum of 1
+    l_sum = tl.sum(tl.where(inside, b_l * tl.exp2(b_m - m[None, :]), 0.0), 0)
+    tl.store(BIAS + i_bh * rows + o_r, m + tl.log2(tl.where(o_r < rows, l_sum, 1.0)), mask=o_r < rows)
+
+
+@triton.jit
 def _tile_mass_kernel(TILE_M, TILE_L, BIAS, OUT, n_tiles, rows, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
     """``out[bh, t] = Σ_r tile_l[bh, t, r] · 2^(tile_m[bh, t, r] - bias[bh, r])``: the rows' mass in each key tile.
 
@@ -343,8 +360,8 @@ def _row_stats(q: torch.Tensor, k: torch.Tensor, r: int, scale: float, meta: dic
         q, k, m_part, l_part, tile_m, tile_l, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lq, lkv, r, hkv, hq // hkv, n_span, n_tiles, tiles_per_span, float(scale) * LOG2E, TILE_STATS=tile_mass, **meta,
     )  # fmt: skip
-    m = m_part.amax(2)  # [B, Hq, R]: finite, every row sees key 0
-    bias = m + torch.log2((l_part * torch.exp2(m_part - m[:, :, None])).sum(2))  # [B, Hq, R] log2 of the normaliser
+    bias = empty_output(b, hq, r, dtype=torch.float32, device=q.device)
+    _row_bias_kernel[(b * hq,)](m_part, l_part, bias, n_span, r, BLOCK_S=next_pow2(n_span), BLOCK_R=meta["BLOCK_R"])
     if not tile_mass:
         return bias, None
     masses = empty_output(b, hq, n_tiles, dtype=torch.float32, device=q.device)
