@@ -20,9 +20,12 @@ larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the pa
 2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums
    are a reduction over rows (each key belongs to one program: plain stores). The tile's diagonals
    form a band of ``R + BLOCK_N - 1`` offsets, ``BLOCK_N`` per chunk: one ``tl.gather`` rotates each
-   row of ``p`` so that a diagonal becomes a column (the rotation is the same for every chunk), a
-   masked reduction over rows per chunk gives the band, and each program stores its own band (no
-   atomics). Neighbouring bands overlap; :func:`_band_sum_kernel` adds them in a fixed order, so the
+   row of ``p`` so that a diagonal becomes a column (the rotation is the same for every chunk), and
+   a reduction over rows per chunk gives the band; each program stores its own band (no atomics).
+   Here the heads' rows are interleaved (packed row ``r · HP + h``), so that after the gather a warp
+   holds whole heads and the per-head sums need no exchange between warps, and the entries of odd
+   chunks are negated before the rotation (exact, as ``p >= 0``), so a chunk's entries are told from
+   its neighbours' by their sign instead of a ``[rows, BLOCK_N]`` mask. Neighbouring bands overlap; :func:`_band_sum_kernel` adds them in a fixed order, so the
    result is deterministic, and writes the diagonal sums in place. Given a head mask, a pass of heads
    that are all off reads no key tile (their sums stay unwritten).
 
@@ -179,6 +182,42 @@ def _tile_mass_kernel(TILE_M, TILE_L, BIAS, OUT, n_tiles, rows, BLOCK_T: tl.cons
 
 
 @triton.jit
+def _odd_chunks_negated(b_p, o_key, o_r, key0, rows, BLOCK_N: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """``b_p [BP, BN]`` with its entries in odd chunks of the band negated: ``p[r, key0 + f]`` lies in
+    chunk ``(f + rows - 1 - r) // BLOCK_N``. Exact (a sign flip), and ``p >= 0``, so after the rotation
+    a chunk's entries are told from its neighbours' by their sign."""
+    first_odd = key0 + BLOCK_N - rows + 1 + o_r  # [BP] first key of chunk 1 in each row
+    if N_CHUNKS == 2:
+        odd = o_key[None, :] >= first_odd[:, None]
+    elif N_CHUNKS == 3:
+        odd = (o_key[None, :] >= first_odd[:, None]) & (o_key[None, :] < first_odd[:, None] + BLOCK_N)
+    else:
+        odd = ((o_key[None, :] + (rows - 1 - o_r - key0)[:, None]) & BLOCK_N) != 0
+    return tl.where(odd, -b_p, b_p)
+
+
+@triton.jit
+def _band_chunk(b_g, f, o_r, rows, BLOCK_R: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr, N_CHUNKS: tl.constexpr, c: tl.constexpr):
+    """Chunk ``c`` of each head's band ``[HP, BLOCK_N]`` from the rotated, sign-coded tile ``b_g`` (rows
+    interleaved, ``p = r · HP + h``): the entries of chunk ``c``'s sign; a range test only where a chunk
+    of the same parity lies two away (rotated column ``f`` of row ``r`` is in chunk ``c`` iff
+    ``lo <= f < lo + BLOCK_N``, ``lo = rows - 1 - c · BLOCK_N - r``)."""
+    if c % 2 == 0:
+        v = tl.maximum(b_g, 0.0)
+    else:
+        v = tl.minimum(b_g, 0.0)
+    lo = rows - 1 - c * BLOCK_N - o_r  # [BP]
+    if c + 2 < N_CHUNKS:
+        v = tl.where(f[None, :] >= lo[:, None], v, 0.0)
+    if c >= 2:
+        v = tl.where(f[None, :] < lo[:, None] + BLOCK_N, v, 0.0)
+    part = tl.sum(tl.reshape(v, [BLOCK_R, HP, BLOCK_N]), 0)  # [HP, BN]: a warp holds whole heads, no cross-warp sum
+    if c % 2 == 1:
+        part = -part
+    return part
+
+
+@triton.jit
 def _sums_kernel(
     Q, K, BIAS, COLS, BANDS, HEADS_ON,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
@@ -190,8 +229,8 @@ def _sums_kernel(
     i_bk = tl.program_id(1)
     i_b = i_bk // num_kv_heads
     i_kh = i_bk % num_kv_heads
-    o_p = tl.arange(0, HP * BLOCK_R)  # [BP] HP heads' rows packed one under another
-    o_r = o_p % BLOCK_R  # [BP]
+    o_p = tl.arange(0, HP * BLOCK_R)  # [BP] HP heads' rows interleaved: packed row p = r · HP + h
+    o_r = o_p // HP  # [BP] row among the last `rows`
     o_hp = tl.arange(0, HP)  # [HP]
     o_c = tl.arange(0, BLOCK_N)  # [BN]
     o_d = tl.arange(0, BLOCK_D)  # [BD]
@@ -199,8 +238,9 @@ def _sums_kernel(
     o_pos = kv_len - rows + o_r  # [BP]
     o_q = (q_len - rows + o_r).to(tl.int64)
     p_k = K + i_b.to(tl.int64) * stride_kb + i_kh.to(tl.int64) * stride_kh
+    key_end = (i_s + 1) * tiles_per_span * BLOCK_N  # past every key of this span
     for g0 in range(0, group, HP):
-        o_g = g0 + o_p // BLOCK_R  # [BP]
+        o_g = g0 + o_p % HP  # [BP] head within the KV group
         m_r = (o_r < rows) & (o_g < group)
         i_h = (i_kh * group + o_g).to(tl.int64)  # [BP] query head of each row
         bh = i_b * num_kv_heads * group + i_h  # [BP]
@@ -208,34 +248,38 @@ def _sums_kernel(
         m_h = g0 + o_hp < group  # [HP]
         p_q = Q + i_b.to(tl.int64) * stride_qb + i_h[:, None] * stride_qh + o_q[:, None] * stride_ql + o_d[None, :]
         b_q = mma_operand(tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BP, BD]
-        b_bias = tl.load(BIAS + bh * rows + o_r, mask=m_r, other=0.0)  # [BP] m + log2(l): p = exp2(s - bias)
+        # p = exp2(s - bias); padded rows get bias = +inf, so their p is exactly 0 with no row mask
+        b_bias = tl.load(BIAS + bh * rows + o_r, mask=m_r, other=float("inf"))  # [BP]
         run = True
         if HAS_HEAD_MASK:  # a pass of heads that are all off reads no key tile
             run = tl.max(tl.load(HEADS_ON + bh_h, mask=m_h, other=0).to(tl.int32), 0) > 0
         if run:
             for t in range(tiles_per_span):
                 i_t = i_s * tiles_per_span + t
-                o_key = i_t * BLOCK_N + o_c  # [BN]
+                key0 = i_t * BLOCK_N
+                o_key = key0 + o_c  # [BN]
                 m_key = o_key < kv_len
                 p_kt = p_k + o_key.to(tl.int64)[:, None] * stride_kl + o_d[None, :]
                 b_k = mma_operand(tl.load(p_kt, mask=m_key[:, None] & m_d[None, :], other=0.0), UPCAST)  # [BN, BD]
-                m_vis = m_r[:, None] & m_key[None, :] & (o_key[None, :] <= o_pos[:, None])  # [BP, BN]
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale  # [BP, BN] log2 units
-                b_p = tl.where(m_vis, tl.exp2(b_s - b_bias[:, None]), 0.0)  # [BP, BN]
-                col = tl.sum(tl.reshape(b_p, [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]: each head's rows
+                # keys past kv_len lie past every row's position: the causal test masks them too
+                b_p = tl.where(o_key[None, :] <= o_pos[:, None], tl.exp2(b_s - b_bias[:, None]), 0.0)  # [BP, BN]
+                if DIAGONALS:
+                    b_p = _odd_chunks_negated(b_p, o_key, o_r, key0, rows, BLOCK_N, N_CHUNKS)
+                col = tl.sum(tl.reshape(tl.abs(b_p) if DIAGONALS else b_p, [BLOCK_R, HP, BLOCK_N]), 0)  # [HP, BN]
                 tl.store(COLS + bh_h[:, None] * kv_len + o_key[None, :], col, mask=m_h[:, None] & m_key[None, :])
                 if DIAGONALS:
                     m_tile = m_h[:, None] & (o_key < n_tiles * BLOCK_N)[None, :]  # the last span may run past the last tile
-                    # band offset e = c · BLOCK_N + f = (kv_len - 1 - first key of the tile) - d; row t meets it at column
-                    # t + e - (rows - 1), the same column mod BLOCK_N for every chunk c: one gather rotates each row,
-                    # and each entry lands in the one chunk c that puts the column inside the tile
-                    o_rot = (o_r[:, None] + o_c[None, :] + (N_CHUNKS * BLOCK_N - rows + 1)) % BLOCK_N  # [BP, BN]
+                    # band offset e = c · BLOCK_N + f = (kv_len - 1 - first key of the tile) - d; row r meets it at column
+                    # r + e - (rows - 1), the same column mod BLOCK_N for every chunk c: one gather rotates each row.
+                    # f is o_c through a minimum the compiler cannot see through, so the [BP, BN] rotation and chunk
+                    # tests are computed in the loop from 1-D vectors instead of being hoisted and kept in registers.
+                    f = tl.minimum(o_key, key_end) - key0  # [BN]
+                    o_rot = (o_r[:, None] + (f + (N_CHUNKS * BLOCK_N - rows + 1))[None, :]) % BLOCK_N  # [BP, BN]
                     b_g = tl.gather(b_p, o_rot, 1)  # [BP, BN]
-                    o_chunk = (o_rot - o_c[None, :] - o_r[:, None] + rows - 1) // BLOCK_N  # [BP, BN] (rows past `rows` hold zeros)
+                    p_band = BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_c[None, :]
                     for c in tl.static_range(N_CHUNKS):
-                        part = tl.sum(tl.reshape(tl.where(o_chunk == c, b_g, 0.0), [HP, BLOCK_R, BLOCK_N]), 1)  # [HP, BN]
-                        o_e = c * BLOCK_N + o_c  # [BN]
-                        tl.store(BANDS + (bh_h[:, None] * n_tiles + i_t) * (N_CHUNKS * BLOCK_N) + o_e[None, :], part, mask=m_tile)
+                        tl.store(p_band + c * BLOCK_N, _band_chunk(b_g, f, o_r, rows, BLOCK_R, HP, BLOCK_N, N_CHUNKS, c), mask=m_tile)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, rows: int) -> None:
