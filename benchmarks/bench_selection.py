@@ -61,6 +61,7 @@ METHODS = {
     "moba_b128_top8": ("moba", dict(moba_block=128, top_k=8)),
     "xattention": ("xattention", {}),
     "vertical_slash": ("vertical_slash", {}),
+    "vertical_slash_radix": ("vertical_slash", dict(topk="radix")),
     "flexprefill": ("flexprefill", {}),
     "flexprefill_vs": ("flexprefill", dict(tau=0.0)),
     "flexprefill_qa": ("flexprefill", dict(tau=1.0)),
@@ -69,13 +70,14 @@ METHODS = {
     "s2o_lse": ("s2o", dict(rank="lse")),
     "s2o_sample16": ("s2o", dict(rank="sample", rank_rows=16)),
 }
-ON_REQUEST = ("s2o_sample16", "flexprefill_vs", "flexprefill_qa")
+ON_REQUEST = ("s2o_sample16", "flexprefill_vs", "flexprefill_qa", "vertical_slash_radix")
 """S2O's ``sample`` ranking (PyTorch): 9 s per selection at 128K on an H100, so only on request.
 ``s2o_lse`` runs through :mod:`blocksieve.ops.segment_lse` on CUDA. ``flexprefill_vs`` / ``flexprefill_qa``
 (``tau=0`` / ``tau=1``) send every head to one of FlexPrefill's two patterns: on the synthetic inputs the
 JS test sends every head to the query-aware one, on real models at 8K (nearly) every head to
 vertical-slash (``docs/dev/blocks_notes.md``, session 20), so the two bound its time either way;
-only on request."""
+only on request. ``vertical_slash_radix``: both top-k masks by :mod:`blocksieve.ops.topk_select` (session 24,
+not yet timed), only on request."""
 
 
 def timed(fn, reps=10):

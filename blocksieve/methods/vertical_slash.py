@@ -19,10 +19,14 @@ kernel also turns slashes into blocks (and keeps columns token-exact).
 
 ``backend``: ``"auto"`` (default) scores with the Triton kernels of
 :mod:`blocksieve.ops.last_rows_stats` on CUDA (column and diagonal sums without storing the
-``R × Lkv`` probabilities, both sets' top-k masks in one :mod:`~blocksieve.ops.topk_select` launch,
-layout rows written directly) and with PyTorch elsewhere; ``"triton"`` / ``"torch"`` force one
-(``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``). Among equal sums the kernel keeps the lowest
-offsets, ``torch.topk`` any.
+``R × Lkv`` probabilities; layout rows written directly) and with PyTorch elsewhere; ``"triton"`` /
+``"torch"`` force one (``"triton"`` on the CPU needs ``TRITON_INTERPRET=1``).
+
+``topk``: ``"torch"`` (default) takes each set's top-k with ``torch.topk`` and scatters it into a mask;
+``"radix"`` (kernel path only) writes both sets' masks in one :mod:`~blocksieve.ops.topk_select`
+launch, keeping the lowest offsets among equal sums (``torch.topk`` keeps any). ``"radix"`` is not yet
+timed on a GPU (session 24 got none; an earlier 8-bit version was slower than ``torch.topk``), so
+it is not the default.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from blocksieve.select.choose import topk_mask, vertical_slash_layout
 from blocksieve.select.score import LAST_ROWS_BACKENDS, last_rows_sums, last_rows_use_triton
 
 
+TOPK_RULES = ("torch", "radix")
+
+
 @dataclass(frozen=True)
 class VerticalSlashConfig:
     vertical_size: int = 1000
@@ -49,6 +56,7 @@ class VerticalSlashConfig:
     block_q: int = 64
     block_k: int = 64
     backend: str = "auto"
+    topk: str = "torch"
 
 
 def vertical_slash_sets(
@@ -79,18 +87,21 @@ class VerticalSlash(SparseMethod):
             raise ValueError("sink_columns and local_slashes must be >= 0")
         if c.backend not in LAST_ROWS_BACKENDS:
             raise ValueError(f"backend={c.backend!r} is not one of {LAST_ROWS_BACKENDS}")
+        if c.topk not in TOPK_RULES:
+            raise ValueError(f"topk={c.topk!r} is not one of {TOPK_RULES}")
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         c = self.config
         lq, lkv, d = q.shape[2], k.shape[2], q.shape[3]
-        if last_rows_use_triton(q, k, c.last_q, c.backend):
-            cols, slashes = self._sets_triton(q, k)
+        triton_path = last_rows_use_triton(q, k, c.last_q, c.backend)
+        if triton_path and c.topk == "radix":
+            cols, slashes = self._sets_radix(q, k)
         else:
-            col_sums, diag_sums = last_rows_sums(q, k, c.last_q, d**-0.5, "torch")
+            col_sums, diag_sums = last_rows_sums(q, k, c.last_q, d**-0.5, "triton" if triton_path else "torch")
             cols, slashes = vertical_slash_sets(col_sums, diag_sums, c.vertical_size, c.slash_size, c.sink_columns, c.local_slashes)
         return vertical_slash_layout(cols, slashes, c.block_q, c.block_k, lq, lkv, backend=c.backend)
 
-    def _sets_triton(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    def _sets_radix(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
         """:func:`vertical_slash_sets` from the Triton kernels: both sums stacked, both top-ks in one launch."""
         from blocksieve.ops.last_rows_stats import last_rows_sums_triton
         from blocksieve.ops.topk_select import topk_mask_triton

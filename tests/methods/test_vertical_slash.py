@@ -55,3 +55,5 @@ def test_vertical_slash_rejects_bad_config():
         blocksieve.method("vertical_slash", vertical_size=0)
     with pytest.raises(ValueError, match="sink_columns"):
         blocksieve.method("vertical_slash", sink_columns=-1)
+    with pytest.raises(ValueError, match="topk='heap'"):
+        blocksieve.method("vertical_slash", topk="heap")

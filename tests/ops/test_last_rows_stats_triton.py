@@ -123,10 +123,11 @@ VS_CFG = {"vertical_size": 6, "slash_size": 5, "last_q": 16, "sink_columns": 2, 
     "name,cfg",
     [
         ("vertical_slash", VS_CFG),
+        ("vertical_slash", dict(VS_CFG, topk="radix")),
         ("flexprefill", {"block": 16, "gamma": 0.7, "tau": 0.0}),
         ("pbs", {"segment": 32, "block": 16, "last_q": 16, "tau": 0.8}),
     ],
-    ids=["vertical_slash", "flexprefill-all-vs", "pbs"],
+    ids=["vertical_slash", "vertical_slash-radix-topk", "flexprefill-all-vs", "pbs"],
 )
 def test_methods_select_the_same_with_the_kernel(name, cfg):
     q, k, _ = qkv(1, 4, 2, 100, 140, 16, device=DEVICE)
