@@ -60,7 +60,7 @@ def compile_report(fn, signature: dict, constexprs: dict, num_warps: int, num_st
     }
 
 
-def _last_rows_signature(fn, pointers: dict, ints: list, constexprs: dict) -> dict:
+def _last_rows_signature(pointers: dict, ints: list, constexprs: dict) -> dict:
     sig = dict(pointers)
     sig.update({n: "i32" for n in ints})
     sig["qk_scale"] = "fp32"
@@ -86,14 +86,14 @@ def last_rows_rows() -> list:
         ptrs = {"Q": "*bf16", "K": "*bf16", "BIAS": "*fp32", "COLS": "*fp32", "BANDS": "*fp32", "HEADS_ON": "*i8"}
         div = list(ptrs) + STRIDES + ["q_len", "kv_len", "rows", "n_tiles"]
         rows.append({"kernel": "_sums_kernel", "launch": launch, "warps": warps, "stages": stages,
-                     **compile_report(_sums_kernel, _last_rows_signature(_sums_kernel, ptrs, ints, sums_c), sums_c, warps, stages, div)})
+                     **compile_report(_sums_kernel, _last_rows_signature(ptrs, ints, sums_c), sums_c, warps, stages, div)})
         stats_c = {k: v for k, v in base.items() if k != "N_CHUNKS"}
         stats_c["TILE_STATS"] = launch == "flexprefill"
         ptrs = {"Q": "*bf16", "K": "*bf16", "M": "*fp32", "L": "*fp32", "TILE_M": "*fp32", "TILE_L": "*fp32"}
         ints = STRIDES + ["q_len", "kv_len", "rows", "num_kv_heads", "group", "n_span", "n_tiles", "tiles_per_span"]
         div = list(ptrs) + STRIDES + ["q_len", "kv_len", "rows", "n_tiles"]
         rows.append({"kernel": "_row_stats_kernel", "launch": launch, "warps": warps, "stages": stages,
-                     **compile_report(_row_stats_kernel, _last_rows_signature(_row_stats_kernel, ptrs, ints, stats_c), stats_c, warps, stages, div)})
+                     **compile_report(_row_stats_kernel, _last_rows_signature(ptrs, ints, stats_c), stats_c, warps, stages, div)})
     return rows
 
 

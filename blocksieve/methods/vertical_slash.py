@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from blocksieve.layout import BlockLayout
-from blocksieve.ops.alloc import empty_output
 from blocksieve.methods.base import SparseMethod
 from blocksieve.methods.registry import register
+from blocksieve.ops.alloc import empty_output
 from blocksieve.select.choose import topk_mask, vertical_slash_layout
 from blocksieve.select.score import LAST_ROWS_BACKENDS, last_rows_sums, last_rows_use_triton
 

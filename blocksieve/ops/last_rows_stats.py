@@ -14,7 +14,8 @@ head ``h // G``), so each key tile of the span is loaded once per ``HP`` heads a
 larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the passes):
 
 1. :func:`_row_stats_kernel` — the row max ``m`` and normaliser ``l`` (log2 units) of each query
-   head's rows over a span of key tiles; the spans' partial stats are combined in PyTorch. On request
+   head's rows over a span of key tiles; :func:`_row_bias_kernel` combines the spans' partial stats
+   into each row's ``log2`` normaliser. On request
    it also stores each row's sum of every tile, which gives the rows' mass per key tile
    (:func:`last_rows_stats_triton`: FlexPrefill's test needs no more).
 2. :func:`_sums_kernel` — ``p = exp2(s - m - log2 l)`` tile by tile (no division); the column sums
@@ -25,9 +26,10 @@ larger product (:data:`PROGRAMS_PER_SM`; a span's tiles stay in L2 across the pa
    Here the heads' rows are interleaved (packed row ``r · HP + h``), so that after the gather a warp
    holds whole heads and the per-head sums need no exchange between warps, and the entries of odd
    chunks are negated before the rotation (exact, as ``p >= 0``), so a chunk's entries are told from
-   its neighbours' by their sign instead of a ``[rows, BLOCK_N]`` mask. Neighbouring bands overlap; :func:`_band_sum_kernel` adds them in a fixed order, so the
-   result is deterministic, and writes the diagonal sums in place. Given a head mask, a pass of heads
-   that are all off reads no key tile (their sums stay unwritten).
+   its neighbours' by their sign instead of a ``[rows, BLOCK_N]`` mask. Neighbouring bands overlap;
+   :func:`_band_sum_kernel` adds them in a fixed order, so the result is deterministic, and writes
+   the diagonal sums in place. Given a head mask, a pass of heads that are all off reads no key
+   tile (their sums stay unwritten).
 
 Memory: ``O(B · Hq · Lkv)`` fp32 (the band partials are ``⌈(R + BLOCK_N - 1) / BLOCK_N⌉ · Lkv`` per
 head); no host synchronisation, so the call can be captured in a CUDA graph.
